@@ -1,0 +1,32 @@
+# The few verbs people type.  Every target sets up .venv itself first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The demo: gateway on :3000 plus the built-in mock upstream on :3001, one process.
+# Uses $PROXY_ACCESS_KEY when set, else makes one up and prints it.
+run: $(STAMP)
+	PROXY_ACCESS_KEY="$${PROXY_ACCESS_KEY:-$$($(BIN)/python -c 'import secrets; print("ccx-" + secrets.token_urlsafe(24))')}" \
+		$(BIN)/ccx-proxy serve --with-mock-upstream
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist src/*.egg-info

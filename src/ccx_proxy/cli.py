@@ -1,0 +1,159 @@
+"""The ``ccx-proxy`` command: ``serve``, ``check-config`` and ``mock-upstream``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from . import __version__
+from .app import create_app
+from .config import ConfigError, GatewayConfig, load_config
+from .headers import mask_secret
+from .mock_upstream import DEFAULT_KEY, DEFAULT_PORT, MockUpstream
+from .settings import Settings, SettingsError
+
+log = logging.getLogger("ccx_proxy")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ccx-proxy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ccx-proxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help="channels file (env CHANNELS_FILE, default ./channels.json)")
+    serve.add_argument("--host", help="bind address (env BIND_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (env PORT, default 3000)")
+    serve.add_argument(
+        "--with-mock-upstream",
+        action="store_true",
+        help="also run the built-in mock upstream (the demo) in the same process",
+    )
+    serve.add_argument("--mock-port", type=int, default=DEFAULT_PORT, help="port for --with-mock-upstream")
+
+    check = sub.add_parser("check-config", help="validate a channels file and summarise it")
+    check.add_argument("--config", help="channels file (env CHANNELS_FILE, default ./channels.json)")
+
+    mock = sub.add_parser("mock-upstream", help="run the built-in Anthropic-compatible mock upstream")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=DEFAULT_PORT)
+    mock.add_argument("--key", help=f"upstream key it accepts (env MOCK_UPSTREAM_KEY, default {DEFAULT_KEY})")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "check-config":
+        return check_config(args.config)
+    if args.command == "mock-upstream":
+        key = args.key or os.environ.get("MOCK_UPSTREAM_KEY") or DEFAULT_KEY
+        return _run(_serve_apps([(MockUpstream(key).app(), args.host, args.port)], None))
+    return serve(args)
+
+
+def _load(path: str) -> GatewayConfig | None:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
+    for warning in config.warnings:
+        log.warning("%s: %s", path, warning)
+    return config
+
+
+def check_config(path: str | None) -> int:
+    path = path or os.environ.get("CHANNELS_FILE") or "./channels.json"
+    config = _load(path)
+    if config is None:
+        return 1
+    for channel in config.channels:
+        print(channel.summary())
+    print(f"{path}: OK, {len(config.active)} active of {len(config.channels)} channels")
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        settings = Settings.from_env(os.environ, config=args.config, host=args.host, port=args.port)
+    except SettingsError as exc:
+        print(f"ccx-proxy: {exc}", file=sys.stderr)
+        return 2
+    config = _load(settings.channels_file)
+    if config is None:
+        return 1
+    for channel in config.channels:
+        log.info("channel %s", channel.summary())
+    if not config.active:
+        log.warning("no active channel: every request will get model_not_found")
+    apps = [(create_app(settings, config), settings.host, settings.port)]
+    if args.with_mock_upstream:
+        key = os.environ.get("MOCK_UPSTREAM_KEY") or DEFAULT_KEY
+        apps.append((MockUpstream(key).app(), "127.0.0.1", args.mock_port))
+    show_key = args.with_mock_upstream or sys.stdout.isatty()
+    return _run(_serve_apps(apps, (settings, show_key)))
+
+
+def _banner(settings: Settings, show_key: bool) -> str:
+    host = settings.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    key = settings.access_keys[0]
+    shown = key if show_key else f"<your PROXY_ACCESS_KEY ({mask_secret(key)})>"
+    return (
+        f"ccx-proxy {__version__} listening on http://{host}:{settings.port}\n"
+        "Point Claude Code or any Anthropic client at it:\n"
+        f'  export ANTHROPIC_API_KEY="{shown}"\n'
+        f'  export ANTHROPIC_BASE_URL="http://{host}:{settings.port}"'
+    )
+
+
+async def _serve_apps(
+    apps: list[tuple[web.Application, str, int]], banner: tuple[Settings, bool] | None
+) -> int:
+    runners = []
+    try:
+        for app, host, port in apps:
+            runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+            await runner.setup()
+            runners.append(runner)
+            try:
+                await web.TCPSite(runner, host, port).start()
+            except OSError as exc:
+                print(f"ccx-proxy: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+                return 1
+            log.info("listening on %s:%d", host, port)
+        if banner is not None:
+            print(_banner(*banner), flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+        return 0
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+
+
+def _run(main_coro: object) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+        return asyncio.run(main_coro)  # type: ignore[arg-type]
+    return uvloop.run(main_coro)  # type: ignore[arg-type]

@@ -1,0 +1,380 @@
+"""Loading and validating ``channels.json`` into frozen dataclasses.
+
+Validation runs once, at load; every problem is reported with its path
+(``channels[1].baseUrl: ...``) and nothing half-valid is ever used.  Field names
+follow the CCX gateway's channel model (camelCase).  A CCX ``config.json``,
+whose Messages channels sit in its ``upstream`` array, loads too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, cast
+
+import orjson
+from yarl import URL
+
+from .headers import RESERVED_CUSTOM, credential_header, mask_secret
+from .mapping import Allowlist, ModelTable, pattern_problem
+from .upstream import Endpoints, endpoints
+
+ServiceType = Literal["claude"]
+AuthHeader = Literal["x-api-key", "bearer", "auto"]
+Status = Literal["active", "suspended", "disabled"]
+
+SERVICE_TYPES: tuple[str, ...] = ("claude",)
+AUTH_HEADERS: tuple[str, ...] = ("x-api-key", "bearer", "auto")
+STATUSES: tuple[str, ...] = ("active", "suspended", "disabled")
+
+CHANNEL_FIELDS = frozenset(
+    {
+        "name",
+        "serviceType",
+        "baseUrl",
+        "apiKeys",
+        "authHeader",
+        "modelMapping",
+        "supportedModels",
+        "priority",
+        "status",
+        "customHeaders",
+    }
+)
+TOP_LEVEL_FIELDS = frozenset({"channels", "upstream"})
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``problems`` has one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class Channel:
+    name: str
+    base_url: str
+    api_keys: tuple[str, ...] = field(repr=False)  # resolved: never logged or returned
+    key_refs: tuple[str, ...]  # as written, e.g. "${DEEPSEEK_API_KEY}"
+    service_type: ServiceType = "claude"
+    auth_header: AuthHeader = "auto"
+    model_mapping: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    supported_models: tuple[str, ...] = ()
+    priority: int = 0
+    status: Status = "active"
+    custom_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # Compiled once, from the fields above:
+    models: ModelTable = field(init=False, repr=False, compare=False)
+    allowlist: Allowlist = field(init=False, repr=False, compare=False)
+    urls: Endpoints = field(init=False, repr=False, compare=False)
+    credentials: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        compiled = {
+            "models": ModelTable(self.model_mapping),
+            "allowlist": Allowlist(self.supported_models),
+            "urls": endpoints(self.base_url),
+            "credentials": tuple(credential_header(self.auth_header, k) for k in self.api_keys),
+        }
+        for name, value in compiled.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def active(self) -> bool:
+        return self.status == "active"
+
+    def serves(self, model: str, mapped: str) -> bool:
+        return self.allowlist.admits(model) or self.allowlist.admits(mapped)
+
+    def summary(self) -> str:
+        """One line for humans and logs: no secret in it."""
+        keys = ", ".join(_mask_ref(ref) for ref in self.key_refs)
+        mapping = ", ".join(f"{k}->{v}" for k, v in self.model_mapping.items()) or "none"
+        allow = ", ".join(self.supported_models) or "all"
+        return (
+            f"{self.name} [{self.status}] priority={self.priority} {self.service_type} "
+            f"{self.base_url} auth={self.auth_header} keys=[{keys}] "
+            f"mapping={{{mapping}}} allow=[{allow}]"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    channels: tuple[Channel, ...]
+    warnings: tuple[str, ...] = ()
+    source: str | None = None
+
+    @property
+    def active(self) -> tuple[Channel, ...]:
+        """Active channels, lowest ``priority`` first (file order breaks ties)."""
+        return tuple(sorted((c for c in self.channels if c.active), key=lambda c: c.priority))
+
+
+def _mask_ref(ref: str) -> str:
+    if _ENV_REF.fullmatch(ref):
+        return ref  # names a variable, not a secret
+    return mask_secret(ref)
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> GatewayConfig:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: file not found (set --config or CHANNELS_FILE)"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read: {exc.strerror}"]) from None
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError([f"{p}: not valid JSON: {exc}"]) from None
+    return parse_config(data, os.environ if env is None else env, source=str(p))
+
+
+def parse_config(data: Any, env: Mapping[str, str], source: str | None = None) -> GatewayConfig:
+    problems: list[str] = []
+    warnings: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError(['top level: must be a JSON object with a "channels" array'])
+    if "channels" in data:
+        key = "channels"
+    elif "upstream" in data:
+        key = "upstream"  # a CCX config.json: its Messages channels
+    else:
+        raise ConfigError(['top level: missing "channels" array'])
+    unknown_top = sorted(set(data) - TOP_LEVEL_FIELDS)
+    for name in unknown_top:
+        warnings.append(f"ignoring unknown top-level field {name!r}")
+    items = data[key]
+    if not isinstance(items, list):
+        raise ConfigError([f"{key}: must be an array of channel objects"])
+
+    channels: list[Channel] = []
+    unknown_fields: dict[str, list[str]] = {}
+    seen_names: dict[str, int] = {}
+    for index, item in enumerate(items):
+        where = f"{key}[{index}]"
+        if not isinstance(item, dict):
+            problems.append(f"{where}: must be an object")
+            continue
+        for name in item:
+            if name not in CHANNEL_FIELDS:
+                unknown_fields.setdefault(name, []).append(where)
+        raw_name = item.get("name")
+        if isinstance(raw_name, str) and raw_name.strip():
+            name = raw_name.strip()
+            if name in seen_names:
+                problems.append(
+                    f"{where}.name: duplicate channel name {name!r} (also {key}[{seen_names[name]}])"
+                )
+            seen_names.setdefault(name, index)
+        channel = _parse_channel(item, where, index, env, problems, warnings)
+        if channel is not None:
+            channels.append(channel)
+    for name, places in unknown_fields.items():
+        warnings.append(f"ignoring unknown channel field {name!r} ({', '.join(places)})")
+    if problems:
+        raise ConfigError(problems)
+    return GatewayConfig(channels=tuple(channels), warnings=tuple(warnings), source=source)
+
+
+class _Fields:
+    """Typed reads of one channel object, collecting problems instead of raising."""
+
+    def __init__(self, item: dict[str, Any], where: str, problems: list[str]) -> None:
+        self.item = item
+        self.where = where
+        self.problems = problems
+
+    def problem(self, name: str, message: str) -> None:
+        self.problems.append(f"{self.where}.{name}: {message}")
+
+    def string(self, name: str, default: str | None = None) -> str | None:
+        value = self.item.get(name, default)
+        if value is None:
+            self.problem(name, "is required")
+            return None
+        if not isinstance(value, str) or not value.strip():
+            self.problem(name, "must be a non-empty string")
+            return None
+        return value.strip()
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str | None:
+        value = self.item.get(name, default)
+        if value not in choices:
+            self.problem(name, f"must be one of {', '.join(choices)} (got {value!r})")
+            return None
+        return cast(str, value)
+
+    def string_map(self, name: str) -> dict[str, str] | None:
+        value = self.item.get(name, {})
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.problem(name, "must be an object of string -> string")
+            return None
+        ok = True
+        for k, v in value.items():
+            if not k:
+                self.problem(name, "keys must be non-empty")
+                ok = False
+            if not isinstance(v, str) or not v:
+                self.problem(f"{name}.{k}", "must be a non-empty string")
+                ok = False
+        return value if ok else None
+
+    def string_list(self, name: str) -> list[str] | None:
+        value = self.item.get(name, [])
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.problem(name, "must be an array of strings")
+            return None
+        return value
+
+
+def _expand(value: str, env: Mapping[str, str]) -> tuple[str, list[str]]:
+    missing: list[str] = []
+
+    def sub(m: re.Match[str]) -> str:
+        var = m.group(1)
+        if var not in env or env[var] == "":
+            missing.append(var)
+            return m.group(0)
+        return env[var]
+
+    return _ENV_REF.sub(sub, value), missing
+
+
+def _parse_channel(
+    item: dict[str, Any],
+    where: str,
+    index: int,
+    env: Mapping[str, str],
+    problems: list[str],
+    warnings: list[str],
+) -> Channel | None:
+    before = len(problems)
+    f = _Fields(item, where, problems)
+    name = f.string("name")
+    if name is not None and (len(name) > 100 or "/" in name or not name.isprintable()):
+        f.problem("name", "must be printable, at most 100 characters, without '/'")
+    status = f.choice("status", STATUSES, "active")
+    active = status == "active"
+
+    service_type = item.get("serviceType", "claude")
+    if service_type not in SERVICE_TYPES:
+        message = (
+            f'{service_type!r} is not supported; only "claude" (an Anthropic-compatible Messages endpoint) is'
+        )
+        if active:
+            f.problem("serviceType", message + ' -- set status to "disabled" to keep it in the file')
+        else:
+            warnings.append(f"{where}.serviceType: {message}; the channel cannot be activated")
+        service_type = "claude"
+
+    base_url = f.string("baseUrl")
+    if base_url is not None:
+        problem = _base_url_problem(base_url)
+        if problem:
+            f.problem("baseUrl", problem)
+
+    auth_header = f.choice("authHeader", AUTH_HEADERS, "auto")
+
+    key_refs: list[str] = []
+    api_keys: list[str] = []
+    raw_keys = f.string_list("apiKeys")
+    if raw_keys is not None:
+        for i, ref in enumerate(raw_keys):
+            if not ref.strip():
+                f.problem(f"apiKeys[{i}]", "must be a non-empty string")
+                continue
+            key_refs.append(ref.strip())
+            resolved, missing = _expand(ref.strip(), env)
+            if missing:
+                if active:
+                    f.problem(
+                        f"apiKeys[{i}]",
+                        f"environment variable {', '.join(missing)} is not set (channel {name!r} is active)",
+                    )
+                continue
+            if any(c.isspace() for c in resolved):
+                f.problem(f"apiKeys[{i}]", "must not contain whitespace")
+                continue
+            api_keys.append(resolved)
+        if active and not raw_keys:
+            f.problem("apiKeys", "an active channel needs at least one key")
+
+    mapping = f.string_map("modelMapping")
+    supported = f.string_list("supportedModels")
+    if supported is not None:
+        for i, pattern in enumerate(supported):
+            problem = pattern_problem(pattern)
+            if problem:
+                f.problem(f"supportedModels[{i}]", problem)
+
+    priority = item.get("priority", index + 1)
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        f.problem("priority", f"must be an integer (got {priority!r})")
+        priority = 0
+
+    custom = f.string_map("customHeaders")
+    custom_headers: list[tuple[str, str]] = []
+    if custom is not None:
+        for hname, hvalue in custom.items():
+            if not _HEADER_NAME.match(hname):
+                f.problem(f"customHeaders.{hname}", "is not a valid header name")
+            elif hname.lower() in RESERVED_CUSTOM:
+                f.problem(f"customHeaders.{hname}", "is managed by the gateway and cannot be set")
+            else:
+                value, missing = _expand(hvalue, env)
+                if missing and active:
+                    f.problem(
+                        f"customHeaders.{hname}",
+                        f"environment variable {', '.join(missing)} is not set",
+                    )
+                elif "\r" in value or "\n" in value:
+                    f.problem(f"customHeaders.{hname}", "must not contain line breaks")
+                else:
+                    custom_headers.append((hname, value))
+
+    if len(problems) > before:
+        return None
+    assert name is not None and base_url is not None and status is not None
+    assert auth_header is not None and mapping is not None and supported is not None
+    return Channel(
+        name=name,
+        service_type=cast(ServiceType, service_type),
+        base_url=base_url,
+        api_keys=tuple(api_keys),
+        key_refs=tuple(key_refs),
+        auth_header=cast(AuthHeader, auth_header),
+        model_mapping=MappingProxyType(dict(mapping)),
+        supported_models=tuple(supported),
+        priority=priority,
+        status=cast(Status, status),
+        custom_headers=tuple(custom_headers),
+    )
+
+
+def _base_url_problem(base_url: str) -> str | None:
+    try:
+        url = URL(base_url.removesuffix("#"))
+    except ValueError as exc:
+        return f"not a valid URL: {exc}"
+    if url.scheme not in ("http", "https") or not url.host:
+        return f"not an http(s) URL: {base_url!r}"
+    if url.user or url.password:
+        return "must not contain credentials; put keys in apiKeys"
+    if url.query_string or url.fragment:
+        return "must not contain a query string or fragment (a single trailing '#' is allowed)"
+    return None

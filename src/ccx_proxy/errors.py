@@ -1,0 +1,116 @@
+"""The gateway's own errors, and the one place they are rendered.
+
+Every error the gateway itself produces is Anthropic-shaped JSON::
+
+    {"type": "error", "error": {"type": "<error_type>", "message": "..."}}
+
+The tree (status / Anthropic ``error.type``)::
+
+    GatewayError                      500 api_error
+    ├── InvalidRequest                400 invalid_request_error
+    │   └── MethodNotAllowed          405 invalid_request_error
+    ├── AuthenticationFailed          401 authentication_error
+    ├── PermissionDenied              403 permission_error
+    ├── NotFound                      404 not_found_error
+    │   └── ModelNotFound             404 not_found_error  ("model_not_found: ...")
+    ├── RequestTooLarge               413 request_too_large
+    ├── RateLimited                   429 rate_limit_error
+    ├── UpstreamUnreachable           502 api_error
+    ├── NoChannelAvailable            503 overloaded_error
+    └── UpstreamTimeout               504 timeout_error
+
+Once response headers have gone out the status can no longer change; a failure
+then ends the stream with :func:`sse_error_event` instead.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import orjson
+from aiohttp import web
+
+JSON_CONTENT_TYPE = "application/json"
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "api_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def body(self) -> bytes:
+        return error_body(self.error_type, self.message)
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class MethodNotAllowed(InvalidRequest):
+    status = 405
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    error_type = "authentication_error"
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    error_type = "permission_error"
+
+
+class NotFound(GatewayError):
+    status = 404
+    error_type = "not_found_error"
+
+
+class ModelNotFound(NotFound):
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"model_not_found: no active channel serves model {model!r}; "
+            "check the channels' modelMapping / supportedModels (GET /v1/models lists them)"
+        )
+        self.model = model
+
+
+class RequestTooLarge(GatewayError):
+    status = 413
+    error_type = "request_too_large"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    error_type = "rate_limit_error"
+
+
+class UpstreamUnreachable(GatewayError):
+    status = 502
+    error_type = "api_error"
+
+
+class NoChannelAvailable(GatewayError):
+    status = 503
+    error_type = "overloaded_error"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    error_type = "timeout_error"
+
+
+def error_body(error_type: str, message: str) -> bytes:
+    return orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}})
+
+
+def render(error: GatewayError) -> web.Response:
+    return web.Response(status=error.status, body=error.body(), content_type=JSON_CONTENT_TYPE)
+
+
+def sse_error_event(error_type: str, message: str) -> bytes:
+    """A complete SSE ``error`` event, as Anthropic sends mid-stream."""
+    return b"event: error\ndata: " + error_body(error_type, message) + b"\n\n"

@@ -1,0 +1,70 @@
+"""Process-level settings: where to listen, who may call, limits.
+
+Read once from the environment (and CLI flags, which win) into a frozen
+dataclass.  Channel configuration lives in :mod:`ccx_proxy.config`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+DEFAULT_PORT = 3000
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_CHANNELS_FILE = "./channels.json"
+DEFAULT_MAX_BODY_MB = 50.0
+
+
+class SettingsError(Exception):
+    """A setting that makes starting pointless; the message is one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    access_keys: tuple[str, ...] = field(repr=False)
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    channels_file: str = DEFAULT_CHANNELS_FILE
+    max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 1024 * 1024)
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str],
+        *,
+        config: str | None = None,
+        host: str | None = None,
+        port: int | None = None,
+    ) -> Settings:
+        primary = env.get("PROXY_ACCESS_KEY", "").strip()
+        if not primary:
+            raise SettingsError(
+                "PROXY_ACCESS_KEY is not set: it is the key clients must send "
+                "(ANTHROPIC_API_KEY on their side); set it, e.g. "
+                "export PROXY_ACCESS_KEY=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        extra = [k.strip() for k in env.get("EXTRA_PROXY_ACCESS_KEYS", "").split(",") if k.strip()]
+        port_value: int
+        if port is not None:
+            port_value = port
+        else:
+            raw_port = env.get("PORT", str(DEFAULT_PORT)).strip()
+            if not raw_port.isdigit():
+                raise SettingsError(f"PORT must be a number between 1 and 65535, not {raw_port!r}")
+            port_value = int(raw_port)
+        if not 0 <= port_value <= 65535:
+            raise SettingsError(f"port must be between 1 and 65535, not {port_value}")
+        raw_size = env.get("MAX_REQUEST_BODY_SIZE_MB", str(DEFAULT_MAX_BODY_MB)).strip()
+        try:
+            size_mb = float(raw_size)
+        except ValueError:
+            size_mb = -1.0
+        if not size_mb > 0:
+            raise SettingsError(f"MAX_REQUEST_BODY_SIZE_MB must be a positive number, not {raw_size!r}")
+        return cls(
+            access_keys=(primary, *extra),
+            host=host or env.get("BIND_HOST", "").strip() or DEFAULT_HOST,
+            port=port_value,
+            channels_file=config or env.get("CHANNELS_FILE", "").strip() or DEFAULT_CHANNELS_FILE,
+            max_body_bytes=int(size_mb * 1024 * 1024),
+        )

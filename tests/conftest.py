@@ -1,0 +1,164 @@
+"""Shared fixtures: a scripted fake upstream and a gateway in front of it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from ccx_proxy.app import create_app
+from ccx_proxy.config import GatewayConfig, parse_config
+from ccx_proxy.settings import Settings
+from ccx_proxy.upstream import Timeouts
+
+ACCESS_KEY = "test-access-key-0123456789"
+UPSTREAM_KEY = "sk-upstream-secret-key-9876wxyz"
+
+SSE_BODY = (
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","model":"m"}}\n\n'
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"text_delta","text":"h\xc3\xa9llo \xe2\x82\xac"}}\n\n'
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+)
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query_string: str
+    headers: dict[str, list[str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.get(name.lower())
+        return values[0] if values else None
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+@dataclass
+class Reply:
+    """What the fake upstream answers: chunks written one by one, with optional pauses."""
+
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "text/event-stream"})
+    chunks: list[bytes] = field(default_factory=lambda: [SSE_BODY])
+    delay: float = 0.0
+    # Awaited before each chunk after the first: lets a test hold the upstream mid-stream.
+    gate: Callable[[int], Awaitable[None]] | None = None
+    # Drop the connection after the last chunk instead of ending the body properly.
+    cut: bool = False
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.requests: list[Recorded] = []
+        self.reply: Reply | Callable[[Recorded], Reply] = Reply()
+        self.server: TestServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return str(self.server.make_url("")).rstrip("/")
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        headers: dict[str, list[str]] = {}
+        for k, v in request.headers.items():
+            headers.setdefault(k.lower(), []).append(v)
+        recorded = Recorded(request.method, request.path, request.query_string, headers, await request.read())
+        self.requests.append(recorded)
+        reply = self.reply(recorded) if callable(self.reply) else self.reply
+        response = web.StreamResponse(status=reply.status, headers=reply.headers)
+        if "Content-Length" not in reply.headers:
+            response.enable_chunked_encoding()
+        await response.prepare(request)
+        for i, chunk in enumerate(reply.chunks):
+            if i and reply.gate is not None:
+                await reply.gate(i)
+            if i and reply.delay:
+                await asyncio.sleep(reply.delay)
+            await response.write(chunk)
+        if reply.cut:
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        await response.write_eof()
+        return response
+
+
+def channel(name: str = "up", base_url: str = "http://127.0.0.1:1", **fields: Any) -> dict[str, Any]:
+    return {"name": name, "baseUrl": base_url, "apiKeys": [UPSTREAM_KEY], **fields}
+
+
+def make_config(*channels: dict[str, Any], env: dict[str, str] | None = None) -> GatewayConfig:
+    return parse_config({"channels": list(channels)}, env or {})
+
+
+def make_settings(**overrides: Any) -> Settings:
+    return Settings(access_keys=overrides.pop("access_keys", (ACCESS_KEY,)), **overrides)
+
+
+AUTH = {"x-api-key": ACCESS_KEY}
+
+
+@pytest.fixture
+async def fake_upstream(aiohttp_server: Any) -> FakeUpstream:
+    fake = FakeUpstream()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", fake.handle)
+    fake.server = await aiohttp_server(app)
+    return fake
+
+
+GatewayFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+def start_gateway(aiohttp_client: Any) -> GatewayFactory:
+    async def start(
+        *channels: dict[str, Any],
+        settings: Settings | None = None,
+        timeouts: Timeouts | None = None,
+    ) -> TestClient[Any, Any]:
+        app = create_app(settings or make_settings(), make_config(*channels), timeouts)
+        client: TestClient[Any, Any] = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+        return client
+
+    return start
+
+
+@pytest.fixture
+async def gateway(start_gateway: GatewayFactory, fake_upstream: FakeUpstream) -> TestClient[Any, Any]:
+    """A gateway with one channel pointing at the fake upstream."""
+    return await start_gateway(
+        channel("up", fake_upstream.url, modelMapping={"opus": "up-opus", "sonnet": "up-sonnet"})
+    )
+
+
+def message_body(model: str = "claude-sonnet-4-5", stream: bool = True, **extra: Any) -> bytes:
+    return orjson.dumps(
+        {
+            "model": model,
+            "max_tokens": 64,
+            "stream": stream,
+            "messages": [{"role": "user", "content": "hi"}],
+            **extra,
+        }
+    )
+
+
+def assert_anthropic_error(status: int, body: bytes, error_type: str) -> str:
+    data = orjson.loads(body)
+    assert data["type"] == "error", data
+    assert data["error"]["type"] == error_type, data
+    assert isinstance(data["error"]["message"], str) and data["error"]["message"]
+    assert set(data) == {"type", "error"} and set(data["error"]) == {"type", "message"}
+    return str(data["error"]["message"])

@@ -1,0 +1,174 @@
+"""The ``ccx-proxy`` command, run as a real process."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from ccx_proxy.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PROXY_ACCESS_KEY", "CHANNELS_FILE", "PORT")}
+    env.update(extra)
+    return env
+
+
+def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ccx_proxy", *args],
+        capture_output=True,
+        text=True,
+        env=_env(**env),
+        cwd=REPO,
+        timeout=30,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_refuses_to_start_without_an_access_key() -> None:
+    result = _run("serve")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "PROXY_ACCESS_KEY is not set" in lines[0]
+
+
+def test_check_config_summarises_with_masked_keys(tmp_path: Path) -> None:
+    path = tmp_path / "channels.json"
+    path.write_text(
+        json.dumps(
+            {
+                "channels": [
+                    {"name": "a", "baseUrl": "https://a.example", "apiKeys": ["sk-literal-secret-abcd"]},
+                    {
+                        "name": "b",
+                        "baseUrl": "https://b.example",
+                        "apiKeys": ["${B_KEY}"],
+                        "status": "disabled",
+                    },
+                ]
+            }
+        )
+    )
+    result = _run("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("a [active]") and "sk-…abcd" in lines[0]
+    assert "sk-literal-secret" not in result.stdout
+    assert lines[1].startswith("b [disabled]") and "${B_KEY}" in lines[1]
+    assert lines[2].endswith("OK, 1 active of 2 channels")
+
+
+def test_check_config_reports_one_line_per_problem(tmp_path: Path) -> None:
+    path = tmp_path / "channels.json"
+    path.write_text(
+        json.dumps(
+            {
+                "channels": [
+                    {"name": "ok", "baseUrl": "https://a.example", "apiKeys": ["k"]},
+                    {
+                        "name": "bad",
+                        "baseUrl": "ftp://b",
+                        "apiKeys": ["${UNSET_VAR_XYZ}"],
+                        "status": "sleepy",
+                    },
+                ]
+            }
+        )
+    )
+    result = _run("check-config", "--config", str(path))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "channels[1].status: must be one of active, suspended, disabled (got 'sleepy')",
+        "channels[1].baseUrl: not an http(s) URL: 'ftp://b'",
+    ]
+
+
+def test_check_config_uses_channels_file_env(tmp_path: Path) -> None:
+    result = _run("check-config", CHANNELS_FILE=str(tmp_path / "none.json"))
+    assert result.returncode == 1 and "file not found" in result.stderr
+
+
+def test_version_and_module_entry_point() -> None:
+    result = _run("--version")
+    assert result.returncode == 0 and result.stdout.startswith("ccx-proxy ")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+
+
+async def test_serve_with_mock_upstream_answers_end_to_end() -> None:
+    port, mock_port = _free_port(), _free_port()
+    config = REPO / "channels.json"
+    demo = json.loads(config.read_text())
+    demo["channels"][0]["baseUrl"] = f"http://127.0.0.1:{mock_port}"
+    tmp = REPO / ".pytest_cache" / f"channels-{port}.json"
+    tmp.parent.mkdir(exist_ok=True)
+    tmp.write_text(json.dumps(demo))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ccx_proxy",
+            "serve",
+            "--with-mock-upstream",
+            "--mock-port",
+            str(mock_port),
+            "--port",
+            str(port),
+            "--config",
+            str(tmp),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(PROXY_ACCESS_KEY="cli-key"),
+    )
+    try:
+        assert proc.stdout is not None
+        banner = [proc.stdout.readline() for _ in range(4)]
+        assert banner[2].strip() == 'export ANTHROPIC_API_KEY="cli-key"'
+        assert banner[3].strip() == f'export ANTHROPIC_BASE_URL="http://127.0.0.1:{port}"'
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"http://127.0.0.1:{port}/v1/messages",
+                headers={"x-api-key": "cli-key"},
+                json={
+                    "model": "claude-opus-4-1",
+                    "max_tokens": 8,
+                    "messages": [{"role": "user", "content": "hey"}],
+                },
+            ) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["model"] == "mock-opus"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=10)
+        tmp.unlink()
+    assert proc.returncode == 0, stderr
+    assert "cli-key" not in stderr and "mock-upstream-key" not in stderr  # no secret in the log
+
+
+def test_serve_reports_a_busy_port() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        started = time.monotonic()
+        result = _run("serve", "--port", str(port), PROXY_ACCESS_KEY="k")
+        assert time.monotonic() - started < 20
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr

@@ -1,0 +1,231 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from ccx_proxy.config import ConfigError, load_config, parse_config
+from tests.conftest import UPSTREAM_KEY, channel
+
+REPO_CHANNELS = Path(__file__).resolve().parent.parent / "channels.json"
+
+
+def problems_of(data: object, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, env or {})
+    return info.value.problems
+
+
+def test_issue_example_loads_with_env_key() -> None:
+    data = {
+        "channels": [
+            {
+                "name": "deepseek",
+                "serviceType": "claude",
+                "baseUrl": "https://api.deepseek.com/anthropic",
+                "apiKeys": ["${DEEPSEEK_API_KEY}"],
+                "authHeader": "auto",
+                "modelMapping": {
+                    "opus": "deepseek-v4-pro",
+                    "sonnet": "deepseek-v4",
+                    "haiku": "deepseek-v4-flash",
+                },
+                "supportedModels": [],
+                "priority": 1,
+                "status": "active",
+                "customHeaders": {},
+            }
+        ]
+    }
+    config = parse_config(data, {"DEEPSEEK_API_KEY": "sk-deepseek-real-1234"})
+    (ch,) = config.channels
+    assert ch.api_keys == ("sk-deepseek-real-1234",)
+    assert ch.key_refs == ("${DEEPSEEK_API_KEY}",)
+    assert ch.credentials == (("x-api-key", "sk-deepseek-real-1234"),)
+    assert ch.urls.messages == "https://api.deepseek.com/anthropic/v1/messages"
+    assert ch.models.lookup("claude-opus-4-1") == "deepseek-v4-pro"
+    assert config.warnings == ()
+    assert "sk-deepseek-real-1234" not in ch.summary()
+    assert "sk-deepseek-real-1234" not in repr(ch)
+
+
+def test_repo_channels_json_is_the_working_demo_default() -> None:
+    config = load_config(REPO_CHANNELS, env={})
+    names = {c.name for c in config.channels}
+    assert {"anthropic", "deepseek", "kimi", "glm"} <= names
+    (active,) = config.active
+    assert active.base_url.startswith("http://127.0.0.1:")
+    by_name = {c.name: c for c in config.channels}
+    assert by_name["deepseek"].base_url == "https://api.deepseek.com/anthropic"
+    assert by_name["kimi"].base_url == "https://api.kimi.com/coding/"
+    assert by_name["glm"].base_url == "https://open.bigmodel.cn/api/anthropic"
+
+
+def test_unset_env_var_on_an_active_channel_names_channel_and_variable() -> None:
+    (problem,) = problems_of({"channels": [channel("deepseek", "https://x", apiKeys=["${NOPE_KEY}"])]})
+    assert problem.startswith("channels[0].apiKeys[0]:")
+    assert "NOPE_KEY" in problem and "deepseek" in problem
+
+
+def test_unset_env_var_on_a_disabled_channel_is_fine() -> None:
+    config = parse_config(
+        {"channels": [channel("off", "https://x", apiKeys=["${NOPE_KEY}"], status="disabled")]}, {}
+    )
+    assert config.active == ()
+    assert config.channels[0].summary().count("${NOPE_KEY}") == 1
+
+
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        pytest.param(
+            {"serviceType": "openai"}, "channels[0].serviceType: 'openai' is not supported", id="service-type"
+        ),
+        pytest.param({"baseUrl": "ftp://x"}, "channels[0].baseUrl: not an http(s) URL", id="base-url-scheme"),
+        pytest.param({"baseUrl": "not a url"}, "channels[0].baseUrl:", id="base-url-garbage"),
+        pytest.param(
+            {"baseUrl": "https://u:p@x"},
+            "channels[0].baseUrl: must not contain credentials",
+            id="base-url-creds",
+        ),
+        pytest.param(
+            {"baseUrl": "https://x/a?b=1"},
+            "channels[0].baseUrl: must not contain a query",
+            id="base-url-query",
+        ),
+        pytest.param({"authHeader": "basic"}, "channels[0].authHeader: must be one of", id="auth-header"),
+        pytest.param({"status": "on"}, "channels[0].status: must be one of", id="status"),
+        pytest.param({"priority": "1"}, "channels[0].priority: must be an integer", id="priority"),
+        pytest.param(
+            {"apiKeys": []}, "channels[0].apiKeys: an active channel needs at least one key", id="no-keys"
+        ),
+        pytest.param(
+            {"apiKeys": "k"}, "channels[0].apiKeys: must be an array of strings", id="keys-not-list"
+        ),
+        pytest.param(
+            {"apiKeys": ["a b"]}, "channels[0].apiKeys[0]: must not contain whitespace", id="key-space"
+        ),
+        pytest.param(
+            {"modelMapping": {"opus": ""}},
+            "channels[0].modelMapping.opus: must be a non-empty",
+            id="mapping-empty",
+        ),
+        pytest.param(
+            {"modelMapping": {"": "x"}},
+            "channels[0].modelMapping: keys must be non-empty",
+            id="mapping-empty-key",
+        ),
+        pytest.param({"modelMapping": []}, "channels[0].modelMapping: must be an object", id="mapping-list"),
+        pytest.param({"supportedModels": ["a*b"]}, "channels[0].supportedModels[0]:", id="allowlist-pattern"),
+        pytest.param(
+            {"customHeaders": {"bad name": "v"}},
+            "channels[0].customHeaders.bad name: is not a valid",
+            id="header-name",
+        ),
+        pytest.param(
+            {"customHeaders": {"Host": "v"}},
+            "channels[0].customHeaders.Host: is managed",
+            id="header-reserved",
+        ),
+        pytest.param(
+            {"customHeaders": {"X-A": "a\r\nb"}},
+            "channels[0].customHeaders.X-A: must not contain line",
+            id="header-crlf",
+        ),
+        pytest.param({"name": ""}, "channels[0].name: must be a non-empty string", id="name-empty"),
+        pytest.param({"name": "a/b"}, "channels[0].name: must be printable", id="name-slash"),
+    ],
+)
+def test_field_problems_have_paths(fields: dict[str, object], expected: str) -> None:
+    problems = problems_of({"channels": [{**channel("c", "https://x"), **fields}]})
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    data = {
+        "channels": [channel("a", "https://x", status="on"), {"name": "b"}, "junk", channel("a", "https://y")]
+    }
+    problems = problems_of(data)
+    assert "channels[0].status: must be one of active, suspended, disabled (got 'on')" in problems
+    assert "channels[1].baseUrl: is required" in problems
+    assert "channels[2]: must be an object" in problems
+    assert any(p.startswith("channels[3].name: duplicate channel name 'a'") for p in problems)
+
+
+def test_unsupported_service_type_on_a_disabled_channel_is_a_warning() -> None:
+    config = parse_config(
+        {"channels": [channel("o", "https://x", serviceType="openai", status="disabled")]}, {}
+    )
+    assert any("openai" in w for w in config.warnings)
+
+
+@pytest.mark.parametrize(
+    "data", [[], {"chans": []}, {"channels": {}}], ids=["array", "no-channels", "not-array"]
+)
+def test_top_level_shape(data: object) -> None:
+    assert problems_of(data)
+
+
+def test_ccx_config_json_upstream_array_loads_with_one_warning_per_unknown_field() -> None:
+    ccx = {
+        "upstream": [
+            {**channel("a", "https://a.example"), "id": "1", "website": "https://a", "description": "x"},
+            {**channel("b", "https://b.example"), "id": "2", "website": "https://b"},
+        ],
+        "currentUpstream": 0,
+        "loadBalance": "failover",
+    }
+    config = parse_config(ccx, {})
+    assert [c.name for c in config.channels] == ["a", "b"]
+    assert sorted(config.warnings) == sorted(
+        [
+            "ignoring unknown top-level field 'currentUpstream'",
+            "ignoring unknown top-level field 'loadBalance'",
+            "ignoring unknown channel field 'id' (upstream[0], upstream[1])",
+            "ignoring unknown channel field 'website' (upstream[0], upstream[1])",
+            "ignoring unknown channel field 'description' (upstream[0])",
+        ]
+    )
+    problems = problems_of({"upstream": [{"name": "x"}]})
+    assert problems[0].startswith("upstream[0].")
+
+
+def test_active_channels_sort_by_priority_then_file_order() -> None:
+    config = parse_config(
+        {
+            "channels": [
+                channel("c", "https://x", priority=2),
+                channel("a", "https://x", priority=1),
+                channel("b", "https://x", priority=2),
+                channel("d", "https://x", priority=0, status="suspended"),
+            ]
+        },
+        {},
+    )
+    assert [c.name for c in config.active] == ["a", "c", "b"]
+
+
+def test_default_priority_is_file_position() -> None:
+    config = parse_config({"channels": [channel("a", "https://x"), channel("b", "https://x")]}, {})
+    assert [c.priority for c in config.channels] == [1, 2]
+
+
+def test_env_refs_in_custom_headers_and_bearer_mode() -> None:
+    config = parse_config(
+        {"channels": [channel("c", "https://x", authHeader="bearer", customHeaders={"X-Org": "org-${ORG}"})]},
+        {"ORG": "42"},
+    )
+    (ch,) = config.channels
+    assert ch.custom_headers == (("X-Org", "org-42"),)
+    assert ch.credentials == (("Authorization", f"Bearer {UPSTREAM_KEY}"),)
+
+
+def test_load_config_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(bad)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"channels": [channel("a", "https://x")]}))
+    assert load_config(good).source == str(good)
