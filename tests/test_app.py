@@ -159,6 +159,14 @@ async def test_health_needs_no_auth_and_shows_no_secrets(gateway) -> None:
     assert UPSTREAM_KEY.encode() not in body and ACCESS_KEY.encode() not in body
 
 
+async def test_root_answers_probes_without_auth(gateway) -> None:
+    for method in ("GET", "HEAD"):
+        resp = await gateway.request(method, "/")
+        assert resp.status == 200
+    data = orjson.loads(await (await gateway.get("/")).read())
+    assert data["name"] == "ccx-proxy" and "/v1/messages" in data["routes"]
+
+
 async def test_models_list_and_get(start_gateway, fake_upstream: FakeUpstream) -> None:
     client = await start_gateway(
         channel(

@@ -81,6 +81,12 @@ async def health(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(body), content_type=JSON_CONTENT_TYPE)
 
 
+async def root(request: web.Request) -> web.Response:
+    # Some clients probe the base URL before the first request; answer plainly.
+    body = {"name": "ccx-proxy", "version": __version__, "routes": ROUTES_HINT}
+    return web.Response(body=orjson.dumps(body), content_type=JSON_CONTENT_TYPE)
+
+
 async def list_models(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     gateway.access_keys.check(request.headers)
@@ -125,4 +131,5 @@ def create_app(
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model_id}", get_model)
     app.router.add_get("/health", health)
+    app.router.add_get("/", root)
     return app

@@ -50,7 +50,8 @@ def _reply_text(model: str, messages: list[Any]) -> str:
     if isinstance(content, str):
         said = content
     elif isinstance(content, list):
-        said = " ".join(b.get("text", "") for b in content if isinstance(b, dict))
+        texts = [b["text"] for b in content if isinstance(b, dict) and isinstance(b.get("text"), str)]
+        said = texts[-1] if texts else ""
     said = " ".join(said.split())[:200]
     return f"Hello from the ccx-proxy mock upstream ({model}). You said: {said}"
 
