@@ -14,8 +14,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from ccx_proxy.app import create_app
 from ccx_proxy.config import GatewayConfig, parse_config
+from ccx_proxy.health import Clock
 from ccx_proxy.settings import Settings
-from ccx_proxy.upstream import Timeouts
 
 ACCESS_KEY = "test-access-key-0123456789"
 UPSTREAM_KEY = "sk-upstream-secret-key-9876wxyz"
@@ -98,8 +98,8 @@ def channel(name: str = "up", base_url: str = "http://127.0.0.1:1", **fields: An
     return {"name": name, "baseUrl": base_url, "apiKeys": [UPSTREAM_KEY], **fields}
 
 
-def make_config(*channels: dict[str, Any], env: dict[str, str] | None = None) -> GatewayConfig:
-    return parse_config({"channels": list(channels)}, env or {})
+def make_config(*channels: dict[str, Any], env: dict[str, str] | None = None, **top: Any) -> GatewayConfig:
+    return parse_config({"channels": list(channels), **top}, env or {})
 
 
 def make_settings(**overrides: Any) -> Settings:
@@ -126,9 +126,10 @@ def start_gateway(aiohttp_client: Any) -> GatewayFactory:
     async def start(
         *channels: dict[str, Any],
         settings: Settings | None = None,
-        timeouts: Timeouts | None = None,
+        clock: Clock | None = None,
+        **top: Any,
     ) -> TestClient[Any, Any]:
-        app = create_app(settings or make_settings(), make_config(*channels), timeouts)
+        app = create_app(settings or make_settings(), make_config(*channels, **top), clock)
         client: TestClient[Any, Any] = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
         return client
 

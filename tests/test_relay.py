@@ -23,6 +23,7 @@ def _splits(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
+FAST_TIMEOUTS = {"connectTimeoutMs": 2000, "responseHeaderTimeoutMs": 300, "streamInactivityTimeoutMs": 300}
 EURO = SSE_BODY.index("€".encode())
 BLANK = SSE_BODY.index(b"\n\n")
 
@@ -51,7 +52,7 @@ async def test_stream_is_byte_exact_for_awkward_chunk_splits(
 async def test_each_chunk_reaches_the_client_before_the_upstream_sends_the_next(
     gateway, fake_upstream: FakeUpstream
 ) -> None:
-    chunks = [b"event: a\ndata: 1\n\n", b"event: b\ndata: 2\n\n", b"event: c\ndata: 3\n\n"]
+    chunks = [b"event: a\ndata: 1\n\n", b"event: b\ndata: 2\n\n", b"event: message_stop\ndata: {}\n\n"]
     released = [asyncio.Event() for _ in chunks]
 
     async def gate(i: int) -> None:
@@ -253,17 +254,16 @@ async def test_upstream_cut_mid_stream_ends_with_an_sse_error_event(
     resp = await gateway.post("/v1/messages", data=message_body(), headers=AUTH)
     data = await resp.read()
     assert data.startswith(part)
+    # The half-written event is closed with a blank line, then a complete error event.
     tail = data[len(part) :]
-    assert tail.startswith(b"event: error\ndata: ") and tail.endswith(b"\n\n")
-    error = orjson.loads(tail[len(b"event: error\ndata: ") :])
+    assert tail.startswith(b"\n\nevent: error\ndata: ") and tail.endswith(b"\n\n")
+    error = orjson.loads(tail[len(b"\n\nevent: error\ndata: ") :])
     assert error["type"] == "error" and error["error"]["type"] == "api_error"
     assert "'up'" in error["error"]["message"] and UPSTREAM_KEY not in error["error"]["message"]
 
 
 async def test_upstream_silent_before_headers_is_504(start_gateway, aiohttp_server) -> None:
     from aiohttp import web
-
-    from ccx_proxy.upstream import Timeouts
 
     async def hang(request: web.Request) -> web.Response:
         await asyncio.sleep(30)
@@ -272,9 +272,7 @@ async def test_upstream_silent_before_headers_is_504(start_gateway, aiohttp_serv
     app = web.Application()
     app.router.add_post("/v1/messages", hang)
     server = await aiohttp_server(app)
-    client = await start_gateway(
-        channel("sleepy", str(server.make_url(""))), timeouts=Timeouts(connect=2, idle=0.3)
-    )
+    client = await start_gateway(channel("sleepy", str(server.make_url(""))), **FAST_TIMEOUTS)
     resp = await asyncio.wait_for(client.post("/v1/messages", data=message_body(), headers=AUTH), 10)
     assert resp.status == 504
     body = orjson.loads(await resp.read())
@@ -282,8 +280,6 @@ async def test_upstream_silent_before_headers_is_504(start_gateway, aiohttp_serv
 
 
 async def test_upstream_stall_mid_stream_ends_with_an_sse_error_event(start_gateway, fake_upstream) -> None:
-    from ccx_proxy.upstream import Timeouts
-
     stall = asyncio.Event()
 
     async def gate(i: int) -> None:
@@ -291,7 +287,7 @@ async def test_upstream_stall_mid_stream_ends_with_an_sse_error_event(start_gate
 
     first = b"event: message_start\ndata: {}\n\n"
     fake_upstream.reply = Reply(chunks=[first, b"never sent"], gate=gate)
-    client = await start_gateway(channel("up", fake_upstream.url), timeouts=Timeouts(connect=2, idle=0.3))
+    client = await start_gateway(channel("up", fake_upstream.url), **FAST_TIMEOUTS)
     resp = await client.post("/v1/messages", data=message_body(), headers=AUTH)
     data = await asyncio.wait_for(resp.read(), 10)
     assert data.startswith(first + b"event: error\ndata: ")

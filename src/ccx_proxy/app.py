@@ -20,9 +20,10 @@ from .errors import (
     RequestTooLarge,
     render,
 )
+from .health import Clock
 from .settings import Settings
 from .state import GATEWAY, Gateway
-from .upstream import Timeouts, make_session
+from .upstream import make_session
 
 log = logging.getLogger("ccx_proxy")
 
@@ -112,15 +113,13 @@ async def get_model(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(entry), content_type=JSON_CONTENT_TYPE)
 
 
-def create_app(
-    settings: Settings, config: GatewayConfig, timeouts: Timeouts | None = None
-) -> web.Application:
-    gateway = Gateway(settings, config, timeouts or Timeouts())
+def create_app(settings: Settings, config: GatewayConfig, clock: Clock | None = None) -> web.Application:
+    gateway = Gateway(settings, config, clock)
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[GATEWAY] = gateway
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
-        session = make_session(gateway.timeouts)
+        session = make_session()
         gateway.open_session(session)
         yield
         await session.close()

@@ -21,6 +21,15 @@ from yarl import URL
 
 from .headers import RESERVED_CUSTOM, credential_header, mask_secret
 from .mapping import Allowlist, ModelTable, pattern_problem
+from .policy import (
+    ROUTING_FIELDS,
+    TIMEOUT_FIELDS,
+    AffinityPolicy,
+    BreakerPolicy,
+    RoutingPolicy,
+    Timeouts,
+    parse_section,
+)
 from .upstream import Endpoints, endpoints
 
 ServiceType = Literal["claude"]
@@ -43,9 +52,14 @@ CHANNEL_FIELDS = frozenset(
         "priority",
         "status",
         "customHeaders",
+        "baseUrls",
+        "circuitBreaker",
+        *TIMEOUT_FIELDS,
     }
 )
-TOP_LEVEL_FIELDS = frozenset({"channels", "upstream"})
+TOP_LEVEL_FIELDS = frozenset(
+    {"channels", "upstream", "circuitBreaker", "sessionAffinity", *TIMEOUT_FIELDS, *ROUTING_FIELDS}
+)
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -72,17 +86,24 @@ class Channel:
     priority: int = 0
     status: Status = "active"
     custom_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    base_urls: tuple[str, ...] = ()  # extra URLs, tried after base_url
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     # Compiled once, from the fields above:
     models: ModelTable = field(init=False, repr=False, compare=False)
     allowlist: Allowlist = field(init=False, repr=False, compare=False)
     urls: Endpoints = field(init=False, repr=False, compare=False)
+    all_urls: tuple[Endpoints, ...] = field(init=False, repr=False, compare=False)
     credentials: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        bases = dict.fromkeys((self.base_url, *self.base_urls))
+        all_urls = tuple(endpoints(b) for b in bases)
         compiled = {
             "models": ModelTable(self.model_mapping),
             "allowlist": Allowlist(self.supported_models),
-            "urls": endpoints(self.base_url),
+            "urls": all_urls[0],
+            "all_urls": all_urls,
             "credentials": tuple(credential_header(self.auth_header, k) for k in self.api_keys),
         }
         for name, value in compiled.items():
@@ -112,6 +133,10 @@ class GatewayConfig:
     channels: tuple[Channel, ...]
     warnings: tuple[str, ...] = ()
     source: str | None = None
+    routing: RoutingPolicy = field(default_factory=RoutingPolicy)
+    affinity: AffinityPolicy = field(default_factory=AffinityPolicy)
+    timeouts: Timeouts = field(default_factory=Timeouts)  # defaults for channels
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
 
     @property
     def active(self) -> tuple[Channel, ...]:
@@ -157,6 +182,17 @@ def parse_config(data: Any, env: Mapping[str, str], source: str | None = None) -
     items = data[key]
     if not isinstance(items, list):
         raise ConfigError([f"{key}: must be an array of channel objects"])
+    top = {k: v for k, v in data.items() if k in ROUTING_FIELDS or k in TIMEOUT_FIELDS}
+    routing: RoutingPolicy = parse_section(
+        RoutingPolicy, {k: v for k, v in top.items() if k in ROUTING_FIELDS}, "", problems
+    )
+    timeouts = _timeouts({k: v for k, v in top.items() if k in TIMEOUT_FIELDS}, "", problems)
+    breaker: BreakerPolicy = parse_section(
+        BreakerPolicy, data.get("circuitBreaker"), "circuitBreaker", problems
+    )
+    affinity: AffinityPolicy = parse_section(
+        AffinityPolicy, data.get("sessionAffinity"), "sessionAffinity", problems
+    )
 
     channels: list[Channel] = []
     unknown_fields: dict[str, list[str]] = {}
@@ -177,14 +213,32 @@ def parse_config(data: Any, env: Mapping[str, str], source: str | None = None) -
                     f"{where}.name: duplicate channel name {name!r} (also {key}[{seen_names[name]}])"
                 )
             seen_names.setdefault(name, index)
-        channel = _parse_channel(item, where, index, env, problems, warnings)
+        channel = _parse_channel(item, where, index, env, problems, warnings, timeouts, breaker)
         if channel is not None:
             channels.append(channel)
     for name, places in unknown_fields.items():
         warnings.append(f"ignoring unknown channel field {name!r} ({', '.join(places)})")
     if problems:
         raise ConfigError(problems)
-    return GatewayConfig(channels=tuple(channels), warnings=tuple(warnings), source=source)
+    return GatewayConfig(
+        channels=tuple(channels),
+        warnings=tuple(warnings),
+        source=source,
+        routing=routing,
+        affinity=affinity,
+        timeouts=timeouts,
+        breaker=breaker,
+    )
+
+
+def _timeouts(raw: dict[str, Any], where: str, problems: list[str], base: Timeouts | None = None) -> Timeouts:
+    before = len(problems)
+    result: Timeouts = parse_section(Timeouts, raw, where, problems, base)
+    for name in ("connectTimeoutMs", "responseHeaderTimeoutMs", "streamInactivityTimeoutMs"):
+        if name in raw and raw[name] == 0 and len(problems) == before:
+            path = f"{where}.{name}" if where else name
+            problems.append(f"{path}: must be at least 1 (there is no 'no timeout')")
+    return result
 
 
 class _Fields:
@@ -262,6 +316,8 @@ def _parse_channel(
     env: Mapping[str, str],
     problems: list[str],
     warnings: list[str],
+    default_timeouts: Timeouts,
+    default_breaker: BreakerPolicy,
 ) -> Channel | None:
     before = len(problems)
     f = _Fields(item, where, problems)
@@ -287,6 +343,13 @@ def _parse_channel(
         problem = _base_url_problem(base_url)
         if problem:
             f.problem("baseUrl", problem)
+
+    base_urls = f.string_list("baseUrls")
+    if base_urls is not None:
+        for i, extra in enumerate(base_urls):
+            problem = _base_url_problem(extra)
+            if problem:
+                f.problem(f"baseUrls[{i}]", problem)
 
     auth_header = f.choice("authHeader", AUTH_HEADERS, "auto")
 
@@ -347,9 +410,17 @@ def _parse_channel(
                 else:
                     custom_headers.append((hname, value))
 
+    timeouts = _timeouts(
+        {k: v for k, v in item.items() if k in TIMEOUT_FIELDS}, where, problems, default_timeouts
+    )
+    breaker: BreakerPolicy = parse_section(
+        BreakerPolicy, item.get("circuitBreaker"), f"{where}.circuitBreaker", problems, default_breaker
+    )
+
     if len(problems) > before:
         return None
     assert name is not None and base_url is not None and status is not None
+    assert base_urls is not None
     assert auth_header is not None and mapping is not None and supported is not None
     return Channel(
         name=name,
@@ -363,6 +434,9 @@ def _parse_channel(
         priority=priority,
         status=cast(Status, status),
         custom_headers=tuple(custom_headers),
+        base_urls=tuple(u.strip() for u in base_urls),
+        timeouts=timeouts,
+        breaker=breaker,
     )
 
 

@@ -1,31 +1,27 @@
-"""The Messages handlers: authenticate, route, forward, relay the bytes back.
+"""The Messages handlers: authenticate, route, fail over, relay the bytes back.
 
 Upstream bytes reach the client exactly as they arrived, chunk by chunk, with no
 queue and no re-framing.  Before the response headers go out, failures become
-gateway errors (rendered by the error middleware); after, a failure ends the
-stream with an SSE ``error`` event.
+gateway errors (rendered by the error middleware) or a failover to the next
+candidate; after, a failure ends the stream with an SSE ``error`` event.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
-import aiohttp
 from aiohttp import web
-from yarl import URL
 
-from .body import find_model, replace_model
-from .errors import ModelNotFound, RequestTooLarge, sse_error_event
-from .headers import client_response_headers, upstream_request_headers
+from .affinity import session_of
+from .body import find_model
+from .errors import RequestTooLarge
+from .failover import Connected, connect, exhausted
+from .headers import client_response_headers
+from .routing import prefer
 from .state import GATEWAY, Gateway
+from .stream import relay_sse
 from .upstream import upstream_errors
 
-log = logging.getLogger("ccx_proxy.relay")
-
+CHANNEL_HEADER = "x-ccx-channel"
 _SSE = "text/event-stream"
-# Failures of the upstream while its body is being read.
-_UPSTREAM_READ_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
@@ -59,33 +55,68 @@ async def _forward(request: web.Request, *, count_tokens: bool) -> web.StreamRes
     body = await _read_body(request, gateway)
     field = find_model(body)
     runtime = gateway.runtime  # one snapshot for the whole request
-    candidates = runtime.router.candidates(field.name)
-    if not candidates:
-        raise ModelNotFound(field.name)
-    channel, upstream_model = candidates[0]
-    if upstream_model != field.name:
-        body = replace_model(body, field, upstream_model)
+    routing = runtime.config.routing
+    pinned = request.headers.get("x-channel") if routing.allowChannelHeader else None
+    candidates = runtime.router.route(field.name, pinned)
+    session = None
+    if runtime.config.affinity.enabled and pinned is None and len(candidates) > 1:
+        session = session_of(request.headers, body)
+        if session is not None:
+            sticky = gateway.affinity.channel_for(session, gateway.health.clock())
+            if sticky is not None:
+                candidates = prefer(candidates, sticky)
 
-    url = channel.urls.count_tokens if count_tokens else channel.urls.messages
     raw_path = request.raw_path
     query_at = raw_path.find("?")
-    if query_at >= 0:
-        url += raw_path[query_at:]
-    headers = upstream_request_headers(request.headers, channel.credentials[0], channel.custom_headers)
-    with upstream_errors(channel.name):
-        upstream = await gateway.session.post(URL(url, encoded=True), data=body, headers=headers)
+    suffix = raw_path[query_at:] if query_at >= 0 else ""
+    result = await connect(
+        gateway.session,
+        gateway.health,
+        routing,
+        candidates,
+        body,
+        field,
+        request.headers,
+        suffix,
+        count_tokens,
+    )
+    if not isinstance(result, Connected):
+        last = result.last
+        if last is None:
+            raise exhausted(result, field.name)
+        headers = client_response_headers(last.headers)
+        headers[CHANNEL_HEADER] = last.channel
+        return web.Response(status=last.status, reason=last.reason, headers=headers, body=last.body)
+
+    upstream, channel, health = result.response, result.channel, result.health
+    # Headers arrived with a status the client gets: the upstream is alive.
+    health.breaker.success()
+    result.key.breaker.success()
+    health.successes += 1
+    if session is not None:
+        gateway.affinity.remember(session, channel.name, gateway.health.clock())
+    headers = client_response_headers(upstream.headers)
+    headers[CHANNEL_HEADER] = channel.name
+
+    def failed() -> None:
+        health.breaker.failure(gateway.health.clock())
+
     finished = False
     try:
         if upstream.content_type == _SSE:
-            response = await _relay_stream(request, upstream, channel.name)
+            response = await relay_sse(request, upstream, headers, channel.name, channel.timeouts, failed)
         else:
-            with upstream_errors(channel.name):
-                payload = await upstream.read()
+            connection = upstream.connection
+            if connection is not None and connection.protocol is not None:
+                connection.protocol.read_timeout = channel.timeouts.inactivity
+            try:
+                with upstream_errors(channel.name):
+                    payload = await upstream.read()
+            except Exception:
+                failed()
+                raise
             response = web.Response(
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=client_response_headers(upstream.headers),
-                body=payload,
+                status=upstream.status, reason=upstream.reason, headers=headers, body=payload
             )
         finished = True
         return response
@@ -94,34 +125,3 @@ async def _forward(request: web.Request, *, count_tokens: bool) -> web.StreamRes
             upstream.release()
         else:
             upstream.close()  # never hand a half-read connection back to the pool
-
-
-async def _relay_stream(
-    request: web.Request, upstream: aiohttp.ClientResponse, channel: str
-) -> web.StreamResponse:
-    headers = client_response_headers(upstream.headers)
-    headers["X-Accel-Buffering"] = "no"
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-    await response.prepare(request)
-    content = upstream.content
-    write = response.write
-    while True:
-        try:
-            chunk = await content.readany()
-        except _UPSTREAM_READ_ERRORS as exc:
-            log.warning("channel %r: stream failed mid-way: %s", channel, type(exc).__name__)
-            upstream.close()
-            reason = "stalled" if isinstance(exc, asyncio.TimeoutError) else "broke off"
-            await write(
-                sse_error_event(
-                    "api_error",
-                    f"upstream channel {channel!r} {reason} mid-stream ({type(exc).__name__}); "
-                    "the response is incomplete",
-                )
-            )
-            break
-        if not chunk:
-            break
-        await write(chunk)  # a client that went away raises here, ending the handler
-    await response.write_eof()
-    return response

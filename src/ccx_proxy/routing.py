@@ -1,8 +1,10 @@
-"""Which channel serves a request.
+"""Which channels may serve a request, in which order.
 
 A channel serves a model when it is active and its allowlist admits either the
 requested name or the name its mapping table turns it into.  Candidates come in
-``priority`` order (lowest first, file order breaking ties).
+``priority`` order (lowest first, file order breaking ties); an ``X-Channel``
+pin narrows them to one channel; session affinity moves the session's channel
+to the front while it is healthy.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .config import Channel, GatewayConfig
+from .errors import InvalidRequest, ModelNotFound
 
 _MEMO_LIMIT = 4096
 
@@ -20,10 +23,11 @@ class Candidate(NamedTuple):
 
 
 class Router:
-    __slots__ = ("_active", "_memo")
+    __slots__ = ("_active", "_by_name", "_memo")
 
     def __init__(self, config: GatewayConfig) -> None:
         self._active = config.active
+        self._by_name = {c.name: c for c in config.channels}
         self._memo: dict[str, tuple[Candidate, ...]] = {}
 
     def candidates(self, model: str) -> tuple[Candidate, ...]:
@@ -40,3 +44,33 @@ class Router:
             self._memo.clear()
         self._memo[model] = result
         return result
+
+    def route(self, model: str, pinned: str | None = None) -> tuple[Candidate, ...]:
+        """Candidates for ``model``; raises when there are none."""
+        if pinned is not None:
+            return (self._pinned(model, pinned),)
+        found = self.candidates(model)
+        if not found:
+            raise ModelNotFound(model)
+        return found
+
+    def _pinned(self, model: str, name: str) -> Candidate:
+        channel = self._by_name.get(name)
+        if channel is None:
+            raise InvalidRequest(f"X-Channel: no channel named {name!r}")
+        if not channel.active:
+            raise InvalidRequest(f"X-Channel: channel {name!r} is {channel.status}")
+        for candidate in self.candidates(model):
+            if candidate.channel is channel:
+                return candidate
+        raise ModelNotFound(model)
+
+
+def prefer(candidates: tuple[Candidate, ...], channel_name: str) -> tuple[Candidate, ...]:
+    """The same candidates with ``channel_name``'s first (affinity)."""
+    if not candidates or candidates[0].channel.name == channel_name:
+        return candidates
+    for i, candidate in enumerate(candidates):
+        if candidate.channel.name == channel_name:
+            return (candidate, *candidates[:i], *candidates[i + 1 :])
+    return candidates

@@ -1,5 +1,6 @@
-"""What a running gateway holds: settings, access keys, the client session, and
-the current configuration snapshot (swapped whole on reload)."""
+"""What a running gateway holds: settings, access keys, the client session, live
+health and affinity, and the current configuration snapshot (swapped whole on
+reload)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
+from .affinity import SessionAffinity
 from .auth import AccessKeys
 from .catalog import ModelCatalog
 from .config import GatewayConfig
+from .health import Clock, HealthRegistry
 from .routing import Router
 from .settings import Settings
-from .upstream import Timeouts
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,14 +32,22 @@ class Runtime:
 
 
 class Gateway:
-    __slots__ = ("settings", "access_keys", "runtime", "timeouts", "_session")
+    __slots__ = ("settings", "access_keys", "runtime", "health", "affinity", "_session")
 
-    def __init__(self, settings: Settings, config: GatewayConfig, timeouts: Timeouts) -> None:
+    def __init__(self, settings: Settings, config: GatewayConfig, clock: Clock | None = None) -> None:
         self.settings = settings
         self.access_keys = AccessKeys(settings.access_keys)
+        self.health = HealthRegistry(clock) if clock is not None else HealthRegistry()
         self.runtime = Runtime.build(config)
-        self.timeouts = timeouts
+        self.affinity = SessionAffinity(config.affinity)
         self._session: aiohttp.ClientSession | None = None
+
+    def apply(self, config: GatewayConfig) -> None:
+        """Switch to a new configuration; in-flight requests keep their snapshot."""
+        self.runtime = Runtime.build(config)
+        self.health.reloaded({c.name for c in config.channels})
+        if config.affinity != self.affinity.policy:
+            self.affinity = SessionAffinity(config.affinity)
 
     @property
     def session(self) -> aiohttp.ClientSession:

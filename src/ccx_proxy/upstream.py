@@ -12,6 +12,7 @@ import aiohttp
 from yarl import URL
 
 from .errors import GatewayError, UpstreamTimeout, UpstreamUnreachable
+from .policy import Timeouts
 
 _VERSION_SUFFIX = re.compile(r"/v\d+$")
 
@@ -44,21 +45,8 @@ def endpoints(base_url: str) -> Endpoints:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    """Seconds; ``idle`` bounds the wait for response headers and between body chunks."""
-
-    connect: float = 10.0
-    idle: float = 120.0
-
-    def client_timeout(self) -> aiohttp.ClientTimeout:
-        # No total: a long stream is healthy as long as bytes keep coming.
-        return aiohttp.ClientTimeout(
-            total=None, connect=self.connect, sock_connect=self.connect, sock_read=self.idle
-        )
-
-
-def make_session(timeouts: Timeouts) -> aiohttp.ClientSession:
+def make_session() -> aiohttp.ClientSession:
+    """The one client session; every request passes its channel's own timeouts."""
     connector = aiohttp.TCPConnector(
         limit=0,  # no global cap: a cap would make long streams starve new requests
         limit_per_host=0,
@@ -68,7 +56,7 @@ def make_session(timeouts: Timeouts) -> aiohttp.ClientSession:
     )
     return aiohttp.ClientSession(
         connector=connector,
-        timeout=timeouts.client_timeout(),
+        timeout=Timeouts().client_timeout,
         # Relay bytes exactly as the upstream sent them, encoding included.
         auto_decompress=False,
         # Send only the client's own headers: no invented User-Agent / Accept-Encoding.
@@ -79,25 +67,35 @@ def make_session(timeouts: Timeouts) -> aiohttp.ClientSession:
     )
 
 
+def gateway_error(exc: BaseException, channel: str) -> GatewayError | None:
+    """The gateway error for a client-side exception, or None if it is not one.
+
+    Messages name the channel and the failure, never a key.
+    """
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, (aiohttp.ServerTimeoutError, TimeoutError)):
+        return UpstreamTimeout(f"upstream channel {channel!r} timed out: {_describe(exc)}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        reason = exc.os_error.strerror or type(exc.os_error).__name__
+        return UpstreamUnreachable(
+            f"upstream channel {channel!r} is unreachable: cannot connect to {exc.host}:{exc.port} ({reason})"
+        )
+    if isinstance(exc, (aiohttp.ClientError, OSError)):
+        return UpstreamUnreachable(f"upstream channel {channel!r} failed: {_describe(exc)}")
+    return None
+
+
 @contextmanager
 def upstream_errors(channel: str) -> Iterator[None]:
-    """Translate client-side exceptions into gateway errors naming the channel.
-
-    Messages name the channel and the failure, never the URL's credentials or a key.
-    """
+    """Re-raise client-side exceptions as the matching gateway error."""
     try:
         yield
-    except GatewayError:
-        raise
-    except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
-        raise UpstreamTimeout(f"upstream channel {channel!r} timed out: {_describe(exc)}") from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise UpstreamUnreachable(
-            f"upstream channel {channel!r} is unreachable: cannot connect to "
-            f"{exc.host}:{exc.port} ({exc.os_error.strerror or type(exc.os_error).__name__})"
-        ) from exc
-    except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamUnreachable(f"upstream channel {channel!r} failed: {_describe(exc)}") from exc
+    except Exception as exc:
+        error = gateway_error(exc, channel)
+        if error is None or error is exc:
+            raise
+        raise error from exc
 
 
 def _describe(exc: BaseException) -> str:

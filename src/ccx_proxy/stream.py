@@ -1,0 +1,149 @@
+"""Relaying an SSE response: bytes as they arrive, keepalives when the upstream
+is silent, and a visible error when it stalls or stops short.
+
+Chunks are written as they come, untouched.  The only bytes the gateway adds:
+an SSE comment (``: keepalive``) after ``keepaliveMs`` of upstream silence, and
+only at an event boundary; and a final ``event: error`` when the upstream
+stalls past ``streamInactivityTimeoutMs``, breaks off, or ends before
+``message_stop``.  Compressed streams are relayed without either: their bytes
+cannot be inspected or extended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .errors import sse_error_event
+from .policy import Timeouts
+
+log = logging.getLogger("ccx_proxy.stream")
+
+KEEPALIVE = b": keepalive\n\n"
+_TAIL = 4096  # enough to hold the final event
+_READ_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
+
+
+def _at_boundary(tail: bytes) -> bool:
+    return tail.endswith(b"\n\n") or tail.endswith(b"\r\n\r\n")
+
+
+def _finished(tail: bytes) -> bool:
+    """Whether the stream ended after a complete ``message_stop`` or ``error`` event."""
+    if not _at_boundary(tail):
+        return False
+    body = tail.rstrip(b"\r\n").replace(b"\r\n", b"\n")
+    last = body[body.rfind(b"\n\n") + 2 :] if b"\n\n" in body else body
+    return (
+        last.startswith(b"event: message_stop")
+        or last.startswith(b"event: error")
+        or (last.startswith(b"data:") and (b'"message_stop"' in last or b'"type":"error"' in last))
+    )
+
+
+class _Keepalive:
+    """One timer per stream; writes a comment when the upstream has been quiet."""
+
+    __slots__ = ("_loop", "_interval", "_response", "last", "boundary", "_handle", "_task")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, interval: float, response: web.StreamResponse
+    ) -> None:
+        self._loop = loop
+        self._interval = interval
+        self._response = response
+        self.last = loop.time()
+        self.boundary = True
+        self._task: asyncio.Task[None] | None = None
+        self._handle = loop.call_later(interval, self._tick)
+
+    def _tick(self) -> None:
+        quiet = self._loop.time() - self.last
+        if quiet >= self._interval and self.boundary and self._task is None:
+            self._task = self._loop.create_task(self._send())
+            self._handle = self._loop.call_later(self._interval, self._tick)
+        else:
+            self._handle = self._loop.call_later(max(self._interval - quiet, 0.01), self._tick)
+
+    async def _send(self) -> None:
+        try:
+            await self._response.write(KEEPALIVE)
+        except (ConnectionError, RuntimeError):
+            pass  # the client left; the relay loop finds out on its next write
+        finally:
+            self._task = None
+            self.last = self._loop.time()
+
+    def close(self) -> None:
+        self._handle.cancel()
+        if self._task is not None:
+            self._task.cancel()
+
+
+async def relay_sse(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    headers: CIMultiDict[str],
+    channel: str,
+    timeouts: Timeouts,
+    on_failure: Callable[[], None],
+) -> web.StreamResponse:
+    headers["X-Accel-Buffering"] = "no"
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    await response.prepare(request)
+    connection = upstream.connection
+    if connection is not None and connection.protocol is not None:
+        connection.protocol.read_timeout = timeouts.inactivity  # headers are in: idle limit from now on
+    encoded = "Content-Encoding" in upstream.headers
+    inspect = upstream.status == 200 and not encoded
+    loop = asyncio.get_running_loop()
+    keepalive = _Keepalive(loop, timeouts.keepalive, response) if inspect and timeouts.keepaliveMs else None
+    content = upstream.content
+    write = response.write
+    tail = b""
+    failure: str | None = None
+    try:
+        while True:
+            try:
+                chunk = await content.readany()
+            except _READ_ERRORS as exc:
+                stalled = isinstance(exc, TimeoutError)
+                failure = (
+                    f"upstream channel {channel!r} stalled: no data for "
+                    f"{timeouts.streamInactivityTimeoutMs} ms"
+                    if stalled
+                    else f"upstream channel {channel!r} broke off mid-stream ({type(exc).__name__})"
+                )
+                break
+            if not chunk:
+                if inspect and not _finished(tail):
+                    failure = f"upstream channel {channel!r} closed the stream before message_stop"
+                break
+            if inspect:
+                tail = chunk[-_TAIL:] if len(chunk) >= _TAIL else (tail + chunk)[-_TAIL:]
+                if keepalive is not None:
+                    keepalive.last = loop.time()
+                    keepalive.boundary = _at_boundary(tail)
+            await write(chunk)  # a client that went away raises here
+    finally:
+        if keepalive is not None:
+            keepalive.close()
+    if failure is not None:
+        upstream.close()
+        on_failure()
+        log.warning("%s", failure)
+        if encoded:  # nothing can be appended to compressed bytes: cut the connection instead
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        if not inspect or _at_boundary(tail):
+            await write(sse_error_event("api_error", failure + "; the response is incomplete"))
+        else:  # end the half-written event first, so the error event parses on its own
+            await write(b"\n\n" + sse_error_event("api_error", failure + "; the response is incomplete"))
+    await response.write_eof()
+    return response
