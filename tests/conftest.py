@@ -56,11 +56,15 @@ class Reply:
     gate: Callable[[int], Awaitable[None]] | None = None
     # Drop the connection after the last chunk instead of ending the body properly.
     cut: bool = False
+    # Pause before sending the response headers.
+    before: float = 0.0
 
 
 class FakeUpstream:
     def __init__(self) -> None:
         self.requests: list[Recorded] = []
+        self.aborted = 0  # responses the gateway walked away from mid-way
+        self.completed = 0
         self.reply: Reply | Callable[[Recorded], Reply] = Reply()
         self.server: TestServer | None = None
 
@@ -76,21 +80,28 @@ class FakeUpstream:
         recorded = Recorded(request.method, request.path, request.query_string, headers, await request.read())
         self.requests.append(recorded)
         reply = self.reply(recorded) if callable(self.reply) else self.reply
-        response = web.StreamResponse(status=reply.status, headers=reply.headers)
-        if "Content-Length" not in reply.headers:
-            response.enable_chunked_encoding()
-        await response.prepare(request)
-        for i, chunk in enumerate(reply.chunks):
-            if i and reply.gate is not None:
-                await reply.gate(i)
-            if i and reply.delay:
-                await asyncio.sleep(reply.delay)
-            await response.write(chunk)
-        if reply.cut:
-            assert request.transport is not None
-            request.transport.close()
-            return response
-        await response.write_eof()
+        try:
+            if reply.before:
+                await asyncio.sleep(reply.before)
+            response = web.StreamResponse(status=reply.status, headers=reply.headers)
+            if "Content-Length" not in reply.headers:
+                response.enable_chunked_encoding()
+            await response.prepare(request)
+            for i, chunk in enumerate(reply.chunks):
+                if i and reply.gate is not None:
+                    await reply.gate(i)
+                if i and reply.delay:
+                    await asyncio.sleep(reply.delay)
+                await response.write(chunk)
+            if reply.cut:
+                assert request.transport is not None
+                request.transport.close()
+                return response
+            await response.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            self.aborted += 1
+            raise
+        self.completed += 1
         return response
 
 
@@ -110,12 +121,33 @@ AUTH = {"x-api-key": ACCESS_KEY}
 
 
 @pytest.fixture
-async def fake_upstream(aiohttp_server: Any) -> FakeUpstream:
-    fake = FakeUpstream()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", fake.handle)
-    fake.server = await aiohttp_server(app)
-    return fake
+def make_upstream(aiohttp_server: Any) -> Callable[[], Awaitable[FakeUpstream]]:
+    async def make() -> FakeUpstream:
+        fake = FakeUpstream()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", fake.handle)
+        fake.server = await aiohttp_server(app)
+        return fake
+
+    return make
+
+
+@pytest.fixture
+async def fake_upstream(make_upstream: Callable[[], Awaitable[FakeUpstream]]) -> FakeUpstream:
+    return await make_upstream()
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 GatewayFactory = Callable[..., Awaitable[TestClient[Any, Any]]]

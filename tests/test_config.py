@@ -229,3 +229,72 @@ def test_load_config_file_errors(tmp_path: Path) -> None:
     good = tmp_path / "good.json"
     good.write_text(json.dumps({"channels": [channel("a", "https://x")]}))
     assert load_config(good).source == str(good)
+
+
+def test_resilience_settings_top_level_and_per_channel() -> None:
+    config = parse_config(
+        {
+            "connectTimeoutMs": 2000,
+            "keepaliveMs": 0,
+            "maxAttempts": 3,
+            "allowChannelHeader": False,
+            "circuitBreaker": {"consecutiveFailures": 2},
+            "sessionAffinity": {"ttlMs": 1000},
+            "channels": [
+                channel(
+                    "a",
+                    "https://a",
+                    baseUrls=["https://a2/", "https://a"],
+                    streamInactivityTimeoutMs=5000,
+                    circuitBreaker={"enabled": False},
+                ),
+                channel("b", "https://b"),
+            ],
+        },
+        {},
+    )
+    a, b = config.channels
+    assert config.routing.maxAttempts == 3 and not config.routing.allowChannelHeader
+    assert config.affinity.ttlMs == 1000
+    assert a.timeouts.connectTimeoutMs == 2000 and a.timeouts.streamInactivityTimeoutMs == 5000
+    assert b.timeouts.streamInactivityTimeoutMs == 120_000 and b.timeouts.keepaliveMs == 0
+    assert not a.breaker.enabled and a.breaker.consecutiveFailures == 2
+    assert b.breaker.enabled and b.breaker.consecutiveFailures == 2
+    assert [u.messages for u in a.all_urls] == ["https://a/v1/messages", "https://a2/v1/messages"]
+    assert b.timeouts.client_timeout.sock_connect == 2.0 and b.timeouts.client_timeout.total is None
+
+
+@pytest.mark.parametrize(
+    "top, expected",
+    [
+        pytest.param(
+            {"connectTimeoutMs": -1}, "connectTimeoutMs: must be a non-negative integer", id="negative"
+        ),
+        pytest.param({"connectTimeoutMs": 0}, "connectTimeoutMs: must be at least 1", id="zero-timeout"),
+        pytest.param({"maxAttempts": "2"}, "maxAttempts: must be a non-negative integer", id="string"),
+        pytest.param(
+            {"circuitBreaker": {"failureRateThreshold": 2}}, "circuitBreaker.failureRateThreshold:", id="rate"
+        ),
+        pytest.param({"circuitBreaker": {"bogus": 1}}, "circuitBreaker.bogus: unknown field", id="unknown"),
+        pytest.param({"sessionAffinity": []}, "sessionAffinity: must be an object", id="not-object"),
+        pytest.param({"allowChannelHeader": 1}, "allowChannelHeader: must be true or false", id="bool"),
+    ],
+)
+def test_resilience_setting_problems(top: dict[str, object], expected: str) -> None:
+    problems = problems_of({"channels": [channel("a", "https://a")], **top})
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_per_channel_resilience_problems_have_paths() -> None:
+    problems = problems_of(
+        {
+            "channels": [
+                channel(
+                    "a", "https://a", baseUrls=["ftp://x"], keepaliveMs="1", circuitBreaker={"openMs": -5}
+                )
+            ]
+        }
+    )
+    assert "channels[0].baseUrls[0]: not an http(s) URL: 'ftp://x'" in problems
+    assert any(p.startswith("channels[0].keepaliveMs: must be") for p in problems)
+    assert any(p.startswith("channels[0].circuitBreaker.openMs: must be") for p in problems)
