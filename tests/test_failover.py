@@ -349,3 +349,16 @@ async def test_slow_reader_gets_every_byte(start_gateway, fake_upstream) -> None
         received += chunk
         await asyncio.sleep(0.005)
     assert bytes(received) == b"".join(big)
+
+
+async def test_cut_mid_stream_is_an_sse_error_not_a_failover(start_gateway, pair) -> None:
+    a, b = pair
+    a.reply = Reply(chunks=[SSE_BODY[:70]], cut=True)
+    client = await start_gateway(channel("a", a.url, priority=1), channel("b", b.url, priority=2))
+    resp, body = await _post(client)
+    assert resp.status == 200 and resp.headers["x-ccx-channel"] == "a"
+    assert body.startswith(SSE_BODY[:70] + b"\n\nevent: error\ndata: ") and b"broke off" in body
+    assert b.requests == []
+    _no_secret(body, resp)
+    health = client.server.app[GATEWAY].health.get("a")
+    assert health.breaker.consecutive == 1  # counted against the upstream

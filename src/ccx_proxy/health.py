@@ -157,7 +157,7 @@ class HealthRegistry:
 
     def channel(self, name: str, policy: BreakerPolicy) -> ChannelHealth:
         health = self._channels.get(name)
-        if health is None or health.breaker.policy != policy:
+        if health is None or (health.breaker.policy is not policy and health.breaker.policy != policy):
             fresh = ChannelHealth(policy)
             if health is not None:  # policy changed on reload: keep cooldowns, new breakers
                 fresh.backoff_until = health.backoff_until
