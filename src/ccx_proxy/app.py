@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 
 from . import __version__, relay
+from .admin.api import setup_admin
 from .config import GatewayConfig
 from .errors import (
     JSON_CONTENT_TYPE,
@@ -21,11 +22,15 @@ from .errors import (
     render,
 )
 from .health import Clock
+from .reload import ConfigWatcher
 from .settings import Settings
 from .state import GATEWAY, Gateway
+from .store import ChannelStore
 from .upstream import make_session
 
 log = logging.getLogger("ccx_proxy")
+
+WATCHER: web.AppKey[ConfigWatcher] = web.AppKey("watcher", ConfigWatcher)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -117,14 +122,25 @@ def create_app(settings: Settings, config: GatewayConfig, clock: Clock | None = 
     gateway = Gateway(settings, config, clock)
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[GATEWAY] = gateway
+    source = config.source
+    watcher = ConfigWatcher(gateway, source, settings.watch_interval) if source else None
+    if watcher is not None:
+        app[WATCHER] = watcher
 
-    async def client_session(app: web.Application) -> AsyncIterator[None]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         session = make_session()
         gateway.open_session(session)
+        if watcher is not None:
+            watcher.start()
         yield
+        if watcher is not None:
+            await watcher.stop()
         await session.close()
 
-    app.cleanup_ctx.append(client_session)
+    app.cleanup_ctx.append(lifecycle)
+    setup_admin(
+        app, gateway, ChannelStore(source or settings.channels_file, backups=settings.config_backups), watcher
+    )
     app.router.add_post("/v1/messages", relay.messages)
     app.router.add_post("/v1/messages/count_tokens", relay.count_tokens)
     app.router.add_get("/v1/models", list_models)

@@ -8,20 +8,20 @@ from collections.abc import Iterable, Mapping
 from .errors import AuthenticationFailed
 from .headers import client_key
 
-_MISSING = AuthenticationFailed(
-    "missing access key: send the gateway's PROXY_ACCESS_KEY as x-api-key "
-    "(ANTHROPIC_API_KEY) or as Authorization: Bearer (ANTHROPIC_AUTH_TOKEN)"
-)
-_WRONG = AuthenticationFailed("invalid access key: it does not match the gateway's PROXY_ACCESS_KEY")
-
 
 class AccessKeys:
-    __slots__ = ("_keys",)
+    __slots__ = ("_keys", "_missing", "_wrong")
 
-    def __init__(self, keys: Iterable[str]) -> None:
+    def __init__(self, keys: Iterable[str], variable: str = "PROXY_ACCESS_KEY") -> None:
         self._keys = tuple(k.encode() for k in keys)
         if not self._keys:
             raise ValueError("at least one access key is required")
+        hint = " (ANTHROPIC_API_KEY)" if variable == "PROXY_ACCESS_KEY" else ""
+        self._missing = AuthenticationFailed(
+            f"missing access key: send the gateway's {variable} as x-api-key{hint} "
+            "or as Authorization: Bearer"
+        )
+        self._wrong = AuthenticationFailed(f"invalid access key: it does not match the gateway's {variable}")
 
     def matches(self, candidate: str) -> bool:
         given = candidate.encode("utf-8", "surrogateescape")
@@ -34,6 +34,6 @@ class AccessKeys:
     def check(self, headers: Mapping[str, str]) -> None:
         candidate = client_key(headers)
         if candidate is None:
-            raise _MISSING
+            raise self._missing
         if not self.matches(candidate):
-            raise _WRONG
+            raise self._wrong

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from . import __version__
-from .app import create_app
+from .app import WATCHER, create_app
 from .config import ConfigError, GatewayConfig, load_config
 from .headers import mask_secret
 from .mock_upstream import DEFAULT_KEY, DEFAULT_PORT, MockUpstream
@@ -98,6 +98,12 @@ def serve(args: argparse.Namespace) -> int:
         log.info("channel %s", channel.summary())
     if not config.active:
         log.warning("no active channel: every request will get model_not_found")
+    if settings.admin_keys:
+        log.info(
+            "admin console: http://%s:%d/admin/ (sign in with ADMIN_ACCESS_KEY)", settings.host, settings.port
+        )
+    else:
+        log.info("admin API and console disabled: set ADMIN_ACCESS_KEY (not the proxy key) to enable /admin/")
     apps = [(create_app(settings, config), settings.host, settings.port)]
     if args.with_mock_upstream:
         key = os.environ.get("MOCK_UPSTREAM_KEY") or DEFAULT_KEY
@@ -143,6 +149,9 @@ async def _serve_apps(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        watchers = [app[WATCHER] for app, _, _ in apps if WATCHER in app]
+        if watchers:  # SIGHUP: re-read the channels file now
+            loop.add_signal_handler(signal.SIGHUP, lambda: [w.reload("SIGHUP") for w in watchers])
         await stop.wait()
         log.info("shutting down")
         return 0

@@ -13,6 +13,7 @@ The tree (status / Anthropic ``error.type``)::
     ├── PermissionDenied              403 permission_error
     ├── NotFound                      404 not_found_error
     │   └── ModelNotFound             404 not_found_error  ("model_not_found: ...")
+    ├── Conflict                      409 conflict_error  (stale If-Match on admin writes)
     ├── RequestTooLarge               413 request_too_large
     ├── RateLimited                   429 rate_limit_error
     ├── UpstreamUnreachable           502 api_error
@@ -76,6 +77,11 @@ class ModelNotFound(NotFound):
             "check the channels' modelMapping / supportedModels (GET /v1/models lists them)"
         )
         self.model = model
+
+
+class Conflict(GatewayError):
+    status = 409
+    error_type = "conflict_error"
 
 
 class RequestTooLarge(GatewayError):

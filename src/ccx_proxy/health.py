@@ -130,15 +130,16 @@ class KeyHealth:
 
 
 class ChannelHealth:
-    __slots__ = ("breaker", "backoff_until", "keys", "last_error", "requests", "successes")
+    __slots__ = ("breaker", "backoff_until", "keys", "last_error", "requests", "successes", "ttfb")
 
     def __init__(self, policy: BreakerPolicy) -> None:
         self.breaker = Breaker(policy)
         self.backoff_until = 0.0
         self.keys: dict[str, KeyHealth] = {}
         self.last_error = ""
-        self.requests = 0
-        self.successes = 0
+        self.requests = 0  # upstream attempts
+        self.successes = 0  # attempts that got a status the client was given
+        self.ttfb: deque[float] = deque(maxlen=256)  # seconds to response headers, recent
 
     def available(self, now: float) -> bool:
         return now >= self.backoff_until and self.breaker.available(now)
@@ -161,6 +162,7 @@ class HealthRegistry:
             fresh = ChannelHealth(policy)
             if health is not None:  # policy changed on reload: keep cooldowns, new breakers
                 fresh.backoff_until = health.backoff_until
+                fresh.requests, fresh.successes, fresh.ttfb = health.requests, health.successes, health.ttfb
                 fresh.keys = {k: _rebreak(v, policy) for k, v in health.keys.items()}
             health = self._channels[name] = fresh
         return health

@@ -8,6 +8,8 @@ candidate; after, a failure ends the stream with an SSE ``error`` event.
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from .affinity import session_of
@@ -51,6 +53,7 @@ def _too_large(limit: int) -> RequestTooLarge:
 
 async def _forward(request: web.Request, *, count_tokens: bool) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
+    loop = asyncio.get_running_loop()
     gateway.access_keys.check(request.headers)
     body = await _read_body(request, gateway)
     field = find_model(body)
@@ -69,6 +72,7 @@ async def _forward(request: web.Request, *, count_tokens: bool) -> web.StreamRes
     raw_path = request.raw_path
     query_at = raw_path.find("?")
     suffix = raw_path[query_at:] if query_at >= 0 else ""
+    started = loop.time()
     result = await connect(
         gateway.session,
         gateway.health,
@@ -93,6 +97,7 @@ async def _forward(request: web.Request, *, count_tokens: bool) -> web.StreamRes
     health.breaker.success()
     result.key.breaker.success()
     health.successes += 1
+    health.ttfb.append(loop.time() - started)
     if session is not None:
         gateway.affinity.remember(session, channel.name, gateway.health.clock())
     headers = client_response_headers(upstream.headers)

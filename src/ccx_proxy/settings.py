@@ -6,6 +6,7 @@ dataclass.  Channel configuration lives in :mod:`ccx_proxy.config`.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -26,6 +27,9 @@ class Settings:
     port: int = DEFAULT_PORT
     channels_file: str = DEFAULT_CHANNELS_FILE
     max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 1024 * 1024)
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: admin API disabled
+    config_backups: int = 10
+    watch_interval: float = 0.5  # seconds between channels-file checks; 0 disables
 
     @classmethod
     def from_env(
@@ -61,10 +65,27 @@ class Settings:
             size_mb = -1.0
         if not size_mb > 0:
             raise SettingsError(f"MAX_REQUEST_BODY_SIZE_MB must be a positive number, not {raw_size!r}")
+        admin = env.get("ADMIN_ACCESS_KEY", "").strip()
+        if admin and any(hmac.compare_digest(admin.encode(), k.encode()) for k in (primary, *extra)):
+            raise SettingsError("ADMIN_ACCESS_KEY must differ from the proxy access keys")
+        backups = _non_negative_int(env, "CONFIG_BACKUPS", 10)
+        watch_ms = _non_negative_int(env, "CONFIG_WATCH_INTERVAL_MS", 500)
         return cls(
+            admin_keys=(admin,) if admin else (),
+            config_backups=backups,
+            watch_interval=watch_ms / 1000,
             access_keys=(primary, *extra),
             host=host or env.get("BIND_HOST", "").strip() or DEFAULT_HOST,
             port=port_value,
             channels_file=config or env.get("CHANNELS_FILE", "").strip() or DEFAULT_CHANNELS_FILE,
             max_body_bytes=int(size_mb * 1024 * 1024),
         )
+
+
+def _non_negative_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise SettingsError(f"{name} must be a non-negative integer, not {raw!r}")
+    return int(raw)

@@ -1,0 +1,1 @@
+"""The admin API (``/api/messages/...``) and the web console (``/admin``)."""

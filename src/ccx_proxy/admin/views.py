@@ -1,0 +1,77 @@
+"""How channels look to admins: masked keys and headers, live state."""
+
+from __future__ import annotations
+
+import re
+import statistics
+from typing import Any
+
+from ..config import Channel
+from ..headers import mask_secret
+from ..health import ChannelHealth
+
+_ENV_REF = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
+
+
+def mask_value(value: str) -> str:
+    """``${VAR}`` references stay readable; literal secrets are masked."""
+    return value if _ENV_REF.match(value) else mask_secret(value)
+
+
+def masked_channel(raw: dict[str, Any]) -> dict[str, Any]:
+    out = dict(raw)
+    keys = raw.get("apiKeys")
+    if isinstance(keys, list):
+        out["apiKeys"] = [mask_value(k) if isinstance(k, str) else k for k in keys]
+    headers = raw.get("customHeaders")
+    if isinstance(headers, dict):
+        out["customHeaders"] = {k: mask_value(v) if isinstance(v, str) else v for k, v in headers.items()}
+    return out
+
+
+def unmask(submitted: list[Any], existing: list[Any]) -> list[Any]:
+    """Keys/values sent back in masked form mean "keep the stored one"."""
+    by_mask = {mask_value(v): v for v in existing if isinstance(v, str)}
+    return [by_mask.get(v, v) if isinstance(v, str) else v for v in submitted]
+
+
+def live_state(channel: Channel | None, health: ChannelHealth | None, now: float) -> dict[str, Any]:
+    if channel is None or health is None:
+        return {
+            "health": "idle",
+            "requests": 0,
+            "successRate": None,
+            "ttfbP50Ms": None,
+            "lastError": "",
+            "circuit": "closed",
+            "keys": [],
+        }
+    breaker = health.breaker
+    if breaker.state.value != "closed" and not breaker.available(now):
+        status = "circuit open"
+    elif breaker.state.value == "half-open" or (breaker.state.value == "open" and breaker.available(now)):
+        status = "probing"
+    elif now < health.backoff_until:
+        status = "backing off"
+    else:
+        status = "healthy"
+    keys = []
+    for key in channel.api_keys:
+        kh = health.keys.get(key)
+        if kh is None:
+            keys.append({"key": mask_secret(key), "state": "ok", "lastError": ""})
+            continue
+        state = "disabled" if kh.disabled else "cooling down" if now < kh.cooldown_until else "ok"
+        keys.append({"key": mask_secret(key), "state": state, "lastError": kh.last_error})
+    usable = [k for k in keys if k["state"] == "ok"]
+    if status == "healthy" and keys and not usable:
+        status = "cooling down" if any(k["state"] == "cooling down" for k in keys) else "keys disabled"
+    return {
+        "health": status,
+        "circuit": breaker.state.value,
+        "requests": health.requests,
+        "successRate": round(health.successes / health.requests, 4) if health.requests else None,
+        "ttfbP50Ms": round(statistics.median(health.ttfb) * 1000, 1) if health.ttfb else None,
+        "lastError": health.last_error,
+        "keys": keys,
+    }

@@ -1,0 +1,127 @@
+"""The channels file as the admin API edits it: versioned, validated, written
+atomically, with backups.
+
+Edits work on the file's own JSON (so ``${VAR}`` references stay references and
+fields ccx-proxy does not know survive), are validated with the same code as
+``check-config``, and replace the file only whole: temp file in the same
+directory, fsync, rename, fsync of the directory.  A crash at any moment leaves
+the old file or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .config import GatewayConfig, parse_config
+from .errors import Conflict
+
+Document = dict[str, Any]
+
+# Stable, readable key order for channel objects; unknown fields keep their order after these.
+CHANNEL_ORDER = (
+    "name", "serviceType", "baseUrl", "baseUrls", "apiKeys", "authHeader", "modelMapping",
+    "supportedModels", "priority", "status", "customHeaders", "connectTimeoutMs",
+    "responseHeaderTimeoutMs", "streamInactivityTimeoutMs", "keepaliveMs", "circuitBreaker",
+)  # fmt: skip
+
+
+def version_of(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()[:20]
+
+
+def canonical(doc: Document) -> bytes:
+    """Pretty, stable JSON: channels first at the top, known channel fields in order."""
+    key = "channels" if "channels" in doc else "upstream" if "upstream" in doc else "channels"
+    channels = doc.get(key)
+    if isinstance(channels, list):
+        ordered = []
+        for ch in channels:
+            if isinstance(ch, dict):
+                ch = {**{k: ch[k] for k in CHANNEL_ORDER if k in ch}, **ch}
+            ordered.append(ch)
+        doc = {key: ordered, **{k: v for k, v in doc.items() if k != key}}
+    return orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    directory = path.parent
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class ChannelStore:
+    def __init__(
+        self, path: str | os.PathLike[str], env: Mapping[str, str] | None = None, backups: int = 10
+    ) -> None:
+        self.path = Path(path)
+        self.env = os.environ if env is None else env
+        self.backups = backups
+        self._lock = asyncio.Lock()
+
+    @property
+    def backup_dir(self) -> Path:
+        return self.path.parent / "backups"
+
+    def read(self) -> tuple[Document, str]:
+        raw = self.path.read_bytes()
+        doc = orjson.loads(raw)
+        if not isinstance(doc, dict):
+            doc = {"channels": []}
+        return doc, version_of(raw)
+
+    async def update(
+        self, change: Callable[[Document], None], if_match: str | None
+    ) -> tuple[GatewayConfig, Document, str]:
+        """Apply ``change`` to a copy of the file's JSON, validate, and write it.
+
+        Raises Conflict on a stale ``if_match``, ConfigError if the result is invalid
+        (the file is then untouched).
+        """
+        async with self._lock:
+            doc, version = self.read()
+            if if_match is not None and if_match != version:
+                raise Conflict(
+                    "the channels file changed since you read it (version "
+                    f"{if_match} is stale, current is {version}); reload and apply your edit again"
+                )
+            edited = copy.deepcopy(doc)
+            change(edited)
+            config = parse_config(edited, self.env, source=str(self.path))
+            data = canonical(edited)
+            await asyncio.to_thread(self._commit, data)
+            return config, edited, version_of(data)
+
+    def _commit(self, data: bytes) -> None:
+        if self.backups and self.path.exists():
+            self.backup_dir.mkdir(exist_ok=True)
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+            atomic_write(self.backup_dir / f"{self.path.name}.{stamp}", self.path.read_bytes())
+            kept = sorted(self.backup_dir.glob(f"{self.path.name}.*"))
+            for old in kept[: max(0, len(kept) - self.backups)]:
+                old.unlink(missing_ok=True)
+        atomic_write(self.path, data)
