@@ -36,16 +36,11 @@ def unmask(submitted: list[Any], existing: list[Any]) -> list[Any]:
 
 
 def live_state(channel: Channel | None, health: ChannelHealth | None, now: float) -> dict[str, Any]:
-    if channel is None or health is None:
-        return {
-            "health": "idle",
-            "requests": 0,
-            "successRate": None,
-            "ttfbP50Ms": None,
-            "lastError": "",
-            "circuit": "closed",
-            "keys": [],
-        }
+    if channel is None:
+        return _quiet("not loaded", [])
+    if health is None:
+        keys = [{"key": mask_secret(k), "state": "ok", "lastError": ""} for k in channel.api_keys]
+        return _quiet("idle" if channel.active else channel.status, keys)
     breaker = health.breaker
     if breaker.state.value != "closed" and not breaker.available(now):
         status = "circuit open"
@@ -73,5 +68,17 @@ def live_state(channel: Channel | None, health: ChannelHealth | None, now: float
         "successRate": round(health.successes / health.requests, 4) if health.requests else None,
         "ttfbP50Ms": round(statistics.median(health.ttfb) * 1000, 1) if health.ttfb else None,
         "lastError": health.last_error,
+        "keys": keys,
+    }
+
+
+def _quiet(health: str, keys: list[dict[str, str]]) -> dict[str, Any]:
+    return {
+        "health": health,
+        "circuit": "closed",
+        "requests": 0,
+        "successRate": None,
+        "ttfbP50Ms": None,
+        "lastError": "",
         "keys": keys,
     }
