@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import fcntl
 import hashlib
 import os
 import tempfile
@@ -100,21 +101,33 @@ class ChannelStore:
         """Apply ``change`` to a copy of the file's JSON, validate, and write it.
 
         Raises Conflict on a stale ``if_match``, ConfigError if the result is invalid
-        (the file is then untouched).
+        (the file is then untouched).  Serialised within the process (lock) and across
+        worker processes (``flock`` on a lock file beside the channels file).
         """
         async with self._lock:
-            doc, version = self.read()
-            if if_match is not None and if_match != version:
-                raise Conflict(
-                    "the channels file changed since you read it (version "
-                    f"{if_match} is stale, current is {version}); reload and apply your edit again"
-                )
-            edited = copy.deepcopy(doc)
-            change(edited)
-            config = parse_config(edited, self.env, source=str(self.path))
-            data = canonical(edited)
-            await asyncio.to_thread(self._commit, data)
-            return config, edited, version_of(data)
+            return await asyncio.to_thread(self._update_locked, change, if_match)
+
+    def _update_locked(
+        self, change: Callable[[Document], None], if_match: str | None
+    ) -> tuple[GatewayConfig, Document, str]:
+        lock_path = self.path.parent / f".{self.path.name}.lock"
+        with open(lock_path, "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                doc, version = self.read()
+                if if_match is not None and if_match != version:
+                    raise Conflict(
+                        "the channels file changed since you read it (version "
+                        f"{if_match} is stale, current is {version}); reload and apply your edit again"
+                    )
+                edited = copy.deepcopy(doc)
+                change(edited)
+                config = parse_config(edited, self.env, source=str(self.path))
+                data = canonical(edited)
+                self._commit(data)
+                return config, edited, version_of(data)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _commit(self, data: bytes) -> None:
         if self.backups and self.path.exists():
