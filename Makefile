@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The demo: gateway on :3000 plus the built-in mock upstream on :3001, one process.
-# Uses $PROXY_ACCESS_KEY when set, else makes one up and prints it.
+# Uses $PROXY_ACCESS_KEY / $ADMIN_ACCESS_KEY when set, else makes them up and prints them.
+KEYGEN = $(BIN)/python -c 'import secrets, sys; print(sys.argv[1] + secrets.token_urlsafe(24))'
 run: $(STAMP)
-	PROXY_ACCESS_KEY="$${PROXY_ACCESS_KEY:-$$($(BIN)/python -c 'import secrets; print("ccx-" + secrets.token_urlsafe(24))')}" \
+	PROXY_ACCESS_KEY="$${PROXY_ACCESS_KEY:-$$($(KEYGEN) ccx-)}" \
+	ADMIN_ACCESS_KEY="$${ADMIN_ACCESS_KEY:-$$($(KEYGEN) admin-)}" \
 		$(BIN)/ccx-proxy serve --with-mock-upstream
 
 test: $(STAMP)

@@ -120,12 +120,16 @@ def _banner(settings: Settings, show_key: bool) -> str:
         host = f"[{host}]"
     key = settings.access_keys[0]
     shown = key if show_key else f"<your PROXY_ACCESS_KEY ({mask_secret(key)})>"
-    return (
+    lines = (
         f"ccx-proxy {__version__} listening on http://{host}:{settings.port}\n"
         "Point Claude Code or any Anthropic client at it:\n"
         f'  export ANTHROPIC_API_KEY="{shown}"\n'
         f'  export ANTHROPIC_BASE_URL="http://{host}:{settings.port}"'
     )
+    if settings.admin_keys:
+        admin = settings.admin_keys[0] if show_key else "your ADMIN_ACCESS_KEY"
+        lines += f"\nAdmin console: http://{host}:{settings.port}/admin/ (sign in with {admin})"
+    return lines
 
 
 async def _serve_apps(
