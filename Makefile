@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean screenshots
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Re-take the admin console screenshots in docs/ (the browser test, kept images).
+screenshots: $(STAMP)
+	CCX_SCREENSHOT_DIR=docs $(BIN)/python -m pytest -q tests/test_admin_browser.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -327,3 +327,41 @@ async def test_backups_are_kept_and_bounded(aiohttp_client: Any, channels_file: 
     assert len(backups) == 3
     assert original not in [b.read_bytes() for b in backups]  # the oldest were pruned
     assert all(json.loads(b.read_text())["channels"] for b in backups)
+
+
+async def test_keys_with_the_same_mask_are_kept_by_position(admin: Any, channels_file: Path) -> None:
+    twins = ["sk-aaaa-one-1234", "sk-bbbb-two-1234"]  # both mask to sk-…1234
+    await admin.post(BASE, json={"name": "twins", "baseUrl": "https://t", "apiKeys": twins}, headers=ADMIN)
+    view = await _json(await admin.get(f"{BASE}/twins", headers=ADMIN))
+    assert view["apiKeys"] == ["sk-…1234", "sk-…1234"]
+    body = {k: v for k, v in view.items() if k != "state"}
+    assert (await admin.put(f"{BASE}/twins", json=body, headers=ADMIN)).status == 200
+    assert json.loads(channels_file.read_text())["channels"][2]["apiKeys"] == twins
+    ambiguous = {**body, "apiKeys": ["sk-…1234", "sk-extra-9999", "sk-…1234"]}  # the third: which twin?
+    resp = await admin.put(f"{BASE}/twins", json=ambiguous, headers=ADMIN)
+    assert resp.status == 400
+    assert (await _json(resp))["error"]["problems"][0]["field"] == "apiKeys"
+    swapped = {**body, "apiKeys": ["sk-new-key-5678", "sk-…1234"]}  # position 1 still matches in place
+    resp = await admin.put(f"{BASE}/twins", json=swapped, headers=ADMIN)
+    assert resp.status == 200
+    assert json.loads(channels_file.read_text())["channels"][2]["apiKeys"] == ["sk-new-key-5678", twins[1]]
+
+
+async def test_dot_names_are_refused(admin: Any) -> None:
+    for name in (".", ".."):
+        resp = await admin.post(
+            BASE, json={"name": name, "baseUrl": "https://x", "apiKeys": ["k"]}, headers=ADMIN
+        )
+        assert resp.status == 400
+        assert (await _json(resp))["error"]["problems"][0]["field"] == "name"
+
+
+async def test_console_files_are_served_with_revalidation(admin: Any) -> None:
+    page = await admin.get("/admin/", allow_redirects=False)
+    assert page.status == 200 and page.headers["Cache-Control"] == "no-cache"
+    assert "<html" in (await page.text()).lower()
+    for name in ("app.js", "app.css"):
+        resp = await admin.get(f"/admin/static/{name}")
+        assert resp.status == 200 and resp.headers["Cache-Control"] == "no-cache"
+    assert (await admin.get("/admin/static/..%2Fapi.py")).status == 404
+    assert (await admin.get("/admin", allow_redirects=False)).status == 302

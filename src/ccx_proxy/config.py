@@ -322,8 +322,8 @@ def _parse_channel(
     before = len(problems)
     f = _Fields(item, where, problems)
     name = f.string("name")
-    if name is not None and (len(name) > 100 or "/" in name or not name.isprintable()):
-        f.problem("name", "must be printable, at most 100 characters, without '/'")
+    if name is not None and (len(name) > 100 or "/" in name or not name.isprintable() or name in (".", "..")):
+        f.problem("name", "must be printable, at most 100 characters, without '/', and not '.' or '..'")
     status = f.choice("status", STATUSES, "active")
     active = status == "active"
 

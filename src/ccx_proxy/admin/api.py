@@ -29,6 +29,7 @@ from .probe import probe_channel
 from .views import live_state, masked_channel, unmask
 
 STATIC = Path(__file__).parent / "static"
+CONSOLE_FILES = frozenset(p.name for p in STATIC.iterdir() if p.is_file()) if STATIC.is_dir() else frozenset()
 DISABLED = (
     "the admin API and console are disabled: set ADMIN_ACCESS_KEY (a key different from "
     "PROXY_ACCESS_KEY) and restart the gateway"
@@ -56,6 +57,15 @@ class Admin:
 
 
 ADMIN: web.AppKey[Admin] = web.AppKey("admin", Admin)
+
+
+class FieldError(Exception):
+    """A problem with one field of the submitted object, found while applying it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
 
 
 def _json_response(data: Any, version: str | None = None, status: int = 200) -> web.Response:
@@ -125,6 +135,8 @@ async def _write(
         config, doc, version = await admin.store.update(edit, _if_match(request))
     except ConfigError as exc:
         return _problems_response(exc.problems, touched[0])
+    except FieldError as exc:
+        return _problems_response([f"{exc.field}: {exc.message}"], None)
     admin.applied(config)
     items = _channels(doc)
     if touched[0] is not None and touched[0] < len(items):
@@ -174,7 +186,7 @@ async def create_channel(request: web.Request) -> web.Response:
     def change(doc: Document) -> int:
         items = _channels(doc)
         if any(isinstance(c, dict) and c.get("name") == new["name"] for c in items):
-            raise InvalidRequest(f"name: a channel named {new['name']!r} already exists")
+            raise FieldError("name", f"a channel named {new['name']!r} already exists")
         if "priority" not in new:
             priorities = [c.get("priority", i + 1) for i, c in enumerate(items) if isinstance(c, dict)]
             new["priority"] = max([p for p in priorities if isinstance(p, int)], default=0) + 1
@@ -194,11 +206,14 @@ async def update_channel(request: web.Request) -> web.Response:
         i = _index(items, name)
         old = items[i]
         if new["name"] != name and any(isinstance(c, dict) and c.get("name") == new["name"] for c in items):
-            raise InvalidRequest(f"name: a channel named {new['name']!r} already exists")
+            raise FieldError("name", f"a channel named {new['name']!r} already exists")
         if "apiKeys" not in new:
             new["apiKeys"] = old.get("apiKeys", [])
         elif isinstance(new["apiKeys"], list):
-            new["apiKeys"] = unmask(new["apiKeys"], old.get("apiKeys") or [])
+            try:
+                new["apiKeys"] = unmask(new["apiKeys"], old.get("apiKeys") or [])
+            except ValueError as exc:
+                raise FieldError("apiKeys", str(exc)) from None
         headers, old_headers = new.get("customHeaders"), old.get("customHeaders") or {}
         if isinstance(headers, dict) and isinstance(old_headers, dict):
             new["customHeaders"] = {
@@ -352,7 +367,11 @@ async def console(request: web.Request) -> web.StreamResponse:
         return web.Response(status=403, text=DISABLED + "\n", content_type="text/plain")
     if request.path == "/admin":
         raise web.HTTPFound("/admin/")
-    return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+    name = request.match_info.get("file", "index.html")
+    if name not in CONSOLE_FILES:
+        raise NotFound(f"no console file {name!r}")
+    # Revalidate every time: an upgraded gateway must never run a cached old app.js.
+    return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
 
 
 def setup_admin(
@@ -374,4 +393,4 @@ def setup_admin(
     app.router.add_get("/api/messages/info", info)
     app.router.add_get("/admin", console)
     app.router.add_get("/admin/", console)
-    app.router.add_static("/admin/static", STATIC, append_version=False)
+    app.router.add_get("/admin/static/{file}", console)

@@ -30,9 +30,25 @@ def masked_channel(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def unmask(submitted: list[Any], existing: list[Any]) -> list[Any]:
-    """Keys/values sent back in masked form mean "keep the stored one"."""
-    by_mask = {mask_value(v): v for v in existing if isinstance(v, str)}
-    return [by_mask.get(v, v) if isinstance(v, str) else v for v in submitted]
+    """Values sent back in masked form mean "keep the stored one".
+
+    A masked value first matches the stored value at the same position, else the
+    only stored value with that mask; when several stored values share a mask the
+    edit is refused rather than guessed.
+    """
+    out = []
+    for i, value in enumerate(submitted):
+        if not isinstance(value, str):
+            out.append(value)
+            continue
+        if i < len(existing) and isinstance(existing[i], str) and mask_value(existing[i]) == value:
+            out.append(existing[i])
+            continue
+        same = [v for v in existing if isinstance(v, str) and mask_value(v) == value]
+        if len(same) > 1:
+            raise ValueError(f"{value!r} matches several stored values; keep their order or re-enter them")
+        out.append(same[0] if same else value)
+    return out
 
 
 def live_state(channel: Channel | None, health: ChannelHealth | None, now: float) -> dict[str, Any]:
