@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -286,6 +286,13 @@ class _Fields:
                 ok = False
         return value if ok else None
 
+    def each(self, name: str, values: list[str] | None, check: Callable[[str], str | None]) -> None:
+        """Report ``check``'s problem, if any, for every item of a list field."""
+        for i, value in enumerate(values or ()):
+            problem = check(value)
+            if problem:
+                self.problem(f"{name}[{i}]", problem)
+
     def string_list(self, name: str) -> list[str] | None:
         value = self.item.get(name, [])
         if value is None:
@@ -345,11 +352,7 @@ def _parse_channel(
             f.problem("baseUrl", problem)
 
     base_urls = f.string_list("baseUrls")
-    if base_urls is not None:
-        for i, extra in enumerate(base_urls):
-            problem = _base_url_problem(extra)
-            if problem:
-                f.problem(f"baseUrls[{i}]", problem)
+    f.each("baseUrls", base_urls, _base_url_problem)
 
     auth_header = f.choice("authHeader", AUTH_HEADERS, "auto")
 
@@ -379,11 +382,7 @@ def _parse_channel(
 
     mapping = f.string_map("modelMapping")
     supported = f.string_list("supportedModels")
-    if supported is not None:
-        for i, pattern in enumerate(supported):
-            problem = pattern_problem(pattern)
-            if problem:
-                f.problem(f"supportedModels[{i}]", problem)
+    f.each("supportedModels", supported, pattern_problem)
 
     priority = item.get("priority", index + 1)
     if not isinstance(priority, int) or isinstance(priority, bool):
