@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean screenshots
+.PHONY: install run test lint bench bench-quick clean screenshots
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,21 @@ test: $(STAMP)
 # Re-take the admin console screenshots in docs/ (the browser test, kept images).
 screenshots: $(STAMP)
 	CCX_SCREENSHOT_DIR=docs $(BIN)/python -m pytest -q tests/test_admin_browser.py
+
+# Benchmarks: the gateway vs the same upstream direct, side by side (bench/run.py; the
+# README's Performance section).  apt-get installs wrk when missing; the "bench" extra
+# (matplotlib) draws the PNG and is optional.  Results: bench/results/.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]' || echo "matplotlib unavailable: the bench will skip its PNG"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# A few seconds, for CI: checks that the harness works, not how fast anything is.
+bench-quick: $(STAMP)
+	$(BIN)/python bench/run.py --quick --no-install
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -97,7 +97,12 @@ async def test_soak_random_faults(aiohttp_server: Any, start_gateway: Any, capsy
         keepaliveMs=0,
         overloadBackoffMs=20,
         rateLimitCooldownMs=20,
-        circuitBreaker={"consecutiveFailures": 8, "failureRateThreshold": 0.9, "openMs": 50, "maxOpenMs": 200},
+        circuitBreaker={
+            "consecutiveFailures": 8,
+            "failureRateThreshold": 0.9,
+            "openMs": 50,
+            "maxOpenMs": 200,
+        },
     )
     url = str(client.make_url("/v1/messages"))
     counts: collections.Counter[str] = collections.Counter()

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from . import __version__, relay
 from .admin.api import setup_admin
+from .client import UpstreamClient
 from .config import GatewayConfig
 from .errors import (
     JSON_CONTENT_TYPE,
@@ -128,13 +129,14 @@ def create_app(settings: Settings, config: GatewayConfig, clock: Clock | None = 
         app[WATCHER] = watcher
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        session = make_session()
-        gateway.open_session(session)
+        session, client = make_session(), UpstreamClient()
+        gateway.open_clients(session, client)
         if watcher is not None:
             watcher.start()
         yield
         if watcher is not None:
             await watcher.stop()
+        client.close()
         await session.close()
 
     app.cleanup_ctx.append(lifecycle)

@@ -1,4 +1,4 @@
-"""The ``ccx-proxy`` command: ``serve``, ``check-config`` and ``mock-upstream``."""
+"""The ``ccx-proxy`` command: ``serve``, ``check-config``, ``mock-upstream`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -12,14 +12,16 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from . import __version__
+from . import __version__, benchmark
 from .app import WATCHER, create_app
 from .config import ConfigError, GatewayConfig, load_config
 from .headers import mask_secret
 from .mock_upstream import DEFAULT_KEY, DEFAULT_PORT, MockUpstream
 from .settings import Settings, SettingsError
+from .workers import WorkersError, serve_workers, worker_count
 
 log = logging.getLogger("ccx_proxy")
+LISTEN_BACKLOG = 1024
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
         help="also run the built-in mock upstream (the demo) in the same process",
     )
     serve.add_argument("--mock-port", type=int, default=DEFAULT_PORT, help="port for --with-mock-upstream")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes sharing the port via SO_REUSEPORT (env WORKERS, default 1)",
+    )
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor
 
     check = sub.add_parser("check-config", help="validate a channels file and summarise it")
     check.add_argument("--config", help="channels file (env CHANNELS_FILE, default ./channels.json)")
@@ -45,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=DEFAULT_PORT)
     mock.add_argument("--key", help=f"upstream key it accepts (env MOCK_UPSTREAM_KEY, default {DEFAULT_KEY})")
+
+    bench = sub.add_parser("bench", help="time an upstream direct vs through a gateway, side by side")
+    benchmark.add_arguments(bench)
     return parser
 
 
@@ -56,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "check-config":
         return check_config(args.config)
+    if args.command == "bench":
+        return benchmark.main(args)
     if args.command == "mock-upstream":
         key = args.key or os.environ.get("MOCK_UPSTREAM_KEY") or DEFAULT_KEY
         return _run(_serve_apps([(MockUpstream(key).app(), args.host, args.port)], None))
@@ -94,6 +107,16 @@ def serve(args: argparse.Namespace) -> int:
     config = _load(settings.channels_file)
     if config is None:
         return 1
+    try:
+        workers = worker_count(args.workers, os.environ)
+    except WorkersError as exc:
+        print(f"ccx-proxy: {exc}", file=sys.stderr)
+        return 2
+    if workers > 1:
+        if args.with_mock_upstream:
+            print("ccx-proxy: --with-mock-upstream runs in one process: use --workers 1", file=sys.stderr)
+            return 2
+        return serve_workers(settings.host, settings.port, settings.channels_file, workers)
     for channel in config.channels:
         log.info("channel %s", channel.summary())
     if not config.active:
@@ -109,7 +132,9 @@ def serve(args: argparse.Namespace) -> int:
         key = os.environ.get("MOCK_UPSTREAM_KEY") or DEFAULT_KEY
         apps.append((MockUpstream(key).app(), "127.0.0.1", args.mock_port))
     show_key = args.with_mock_upstream or sys.stdout.isatty()
-    return _run(_serve_apps(apps, (settings, show_key)))
+    worker = args.worker_index  # a worker of serve --workers N: shares the port, one banner for all
+    banner = (settings, show_key) if not worker else None
+    return _run(_serve_apps(apps, banner, reuse_port=worker is not None))
 
 
 def _banner(settings: Settings, show_key: bool) -> str:
@@ -133,7 +158,9 @@ def _banner(settings: Settings, show_key: bool) -> str:
 
 
 async def _serve_apps(
-    apps: list[tuple[web.Application, str, int]], banner: tuple[Settings, bool] | None
+    apps: list[tuple[web.Application, str, int]],
+    banner: tuple[Settings, bool] | None,
+    reuse_port: bool = False,
 ) -> int:
     runners = []
     try:
@@ -142,7 +169,8 @@ async def _serve_apps(
             await runner.setup()
             runners.append(runner)
             try:
-                await web.TCPSite(runner, host, port).start()
+                # backlog: bursts of new streams overflowed the default 128 (SYN retries cost 1 s)
+                await web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port).start()
             except OSError as exc:
                 print(f"ccx-proxy: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
                 return 1

@@ -21,13 +21,15 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import aiohttp
 from yarl import URL
 
 from .body import ModelField, replace_model
+from .client import UpstreamClient
 from .config import Channel
 from .errors import GatewayError, NoChannelAvailable, UpstreamTimeout
-from .headers import mask_secret, upstream_request_headers
+from .exchange import UpstreamResponse
+from .h1 import UpstreamClientError
+from .headers import mask_secret, upstream_header_block
 from .health import ChannelHealth, HealthRegistry, KeyHealth, retry_after_seconds
 from .policy import RoutingPolicy
 from .routing import Candidate
@@ -46,7 +48,7 @@ _ERROR_BODY_LIMIT = 1 << 20
 class Connected:
     """An upstream answered with a status the client gets."""
 
-    response: aiohttp.ClientResponse
+    response: UpstreamResponse
     channel: Channel
     health: ChannelHealth
     key: KeyHealth
@@ -71,13 +73,13 @@ class Outcome:
 
 
 async def connect(
-    session: aiohttp.ClientSession,
+    client: UpstreamClient,
     registry: HealthRegistry,
     policy: RoutingPolicy,
     candidates: tuple[Candidate, ...],
     body: bytes,
     model: ModelField,
-    client_headers: Mapping[str, str],
+    client_headers: list[tuple[bytes, bytes]],
     path_suffix: str,
     count_tokens: bool,
 ) -> Connected | Outcome:
@@ -115,7 +117,7 @@ async def connect(
                 budget -= 1
                 health.requests += 1
                 verdict = await _attempt(
-                    session,
+                    client,
                     loop,
                     deadline,
                     channel,
@@ -123,7 +125,7 @@ async def connect(
                     key,
                     url,
                     payload,
-                    upstream_request_headers(client_headers, credential, channel.custom_headers),
+                    upstream_header_block(client_headers, credential, channel.custom_headers),
                     api_key,
                     policy,
                     registry,
@@ -142,7 +144,7 @@ async def connect(
 
 
 async def _attempt(
-    session: aiohttp.ClientSession,
+    client: UpstreamClient,
     loop: asyncio.AbstractEventLoop,
     deadline: float,
     channel: Channel,
@@ -150,20 +152,24 @@ async def _attempt(
     key: KeyHealth,
     url: URL,
     payload: bytes,
-    headers: list[tuple[str, str]],
+    headers: bytes,
     api_key: str,
     policy: RoutingPolicy,
     registry: HealthRegistry,
     outcome: Outcome,
 ) -> Connected | str:
     """One request; returns Connected, or where to go next: next-key/url/channel."""
-    masked = mask_secret(api_key)
     try:
         try:
-            async with asyncio.timeout_at(deadline):
-                response = await session.post(
-                    url, data=payload, headers=headers, timeout=channel.timeouts.client_timeout
-                )
+            timeouts = channel.timeouts
+            response = await client.request(
+                url,
+                payload,
+                headers,
+                connect_timeout=timeouts.connectTimeoutMs / 1000,
+                read_timeout=timeouts.responseHeaderTimeoutMs / 1000,
+                deadline=deadline,  # enforced by the client's own timer: no asyncio.timeout per request
+            )
         except TimeoutError as exc:
             if loop.time() >= deadline:
                 raise UpstreamTimeout(
@@ -186,7 +192,9 @@ async def _attempt(
         health.last_error = error.message
         outcome.transport_errors.append(error)
         outcome.tried.append(f"{channel.name} ({url.host}): {error.message}")
-        log.warning("channel %r (%s, key %s): %s", channel.name, url.host, masked, error.message)
+        log.warning(
+            "channel %r (%s, key %s): %s", channel.name, url.host, mask_secret(api_key), error.message
+        )
         return "next-url"
 
     status = response.status
@@ -197,13 +205,14 @@ async def _attempt(
 
     try:
         async with asyncio.timeout_at(deadline):
-            error_body = await response.content.read(_ERROR_BODY_LIMIT)
-    except (aiohttp.ClientError, TimeoutError, OSError):
+            error_body = await response.read(_ERROR_BODY_LIMIT)
+    except (UpstreamClientError, TimeoutError, OSError):
         error_body = b""
     finally:
         response.close()
     outcome.last = UpstreamError(status, response.reason, response.headers, error_body, channel.name)
     now = registry.clock()
+    masked = mask_secret(api_key)  # only on the failure path: it costs a little on every request
     summary = f"{channel.name} key {masked}: upstream {status}"
     outcome.tried.append(summary)
     health.last_error = f"upstream {status}"

@@ -9,7 +9,9 @@ credentials, which are replaced by the channel's key.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+import re
+from collections.abc import Mapping, Sequence
 
 from multidict import CIMultiDict
 
@@ -60,12 +62,59 @@ def upstream_request_headers(
     return out
 
 
+RawHeaders = Sequence[tuple[bytes, bytes]]
+_REQUEST_DROP_RAW = frozenset(name.encode() for name in _REQUEST_DROP)
+# A header line may not carry a control character other than HTAB (no smuggled CR/LF).
+_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def forwarded_raw(raw: RawHeaders, connection: str | None = None) -> list[tuple[bytes, bytes]]:
+    """The client's headers that go upstream, as the bytes it sent them.
+
+    The same rule as :func:`upstream_request_headers` (which stays the readable
+    reference; a test holds them equal), on the raw pairs the server parsed:
+    once per request, with no decoding and re-encoding of every header.
+    ``connection`` is the (first) Connection header's value, looked up by the
+    caller in its parsed headers.
+    """
+    drop = _REQUEST_DROP_RAW
+    if connection:
+        drop = drop | {t.strip().lower().encode("latin-1") for t in connection.split(",")}
+    return [(k, v) for k, v in raw if k.lower() not in drop]
+
+
+def upstream_header_block(
+    forwarded: list[tuple[bytes, bytes]],
+    credential: tuple[str, str],
+    custom: tuple[tuple[str, str], ...],
+) -> bytes:
+    """``name: value`` CRLF lines for the upstream request: the client's, then the channel's."""
+    if custom:
+        names = {name.lower().encode() for name, _ in custom}
+        forwarded = [(k, v) for k, v in forwarded if k.lower() not in names]
+    lines = [b": ".join(pair) for pair in forwarded]
+    lines.append(_channel_lines(credential, custom))
+    return b"\r\n".join(lines)
+
+
+@functools.lru_cache(maxsize=4096)
+def _channel_lines(credential: tuple[str, str], custom: tuple[tuple[str, str], ...]) -> bytes:
+    """The channel's own lines (key, customHeaders): the same for every request, so built once."""
+    own = [f"{name}: {value}" for name, value in (credential, *custom)]
+    if _CTL.search("\t".join(own)):
+        raise ValueError("control character in a channel's key or custom header")
+    return "".join(line + "\r\n" for line in own).encode("utf-8", "surrogateescape")
+
+
 def client_response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
     drop = _RESPONSE_DROP
     if "connection" in upstream:
         drop = drop | _connection_tokens(upstream)
-    items: Iterable[tuple[str, str]] = upstream.items()
-    return CIMultiDict((k, v) for k, v in items if k.lower() not in drop)
+    out: CIMultiDict[str] = CIMultiDict(upstream)  # a copy in C, then a few deletions in C
+    for name in drop:
+        if name in out:
+            del out[name]
+    return out
 
 
 def credential_header(mode: str, key: str) -> tuple[str, str]:

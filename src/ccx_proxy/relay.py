@@ -16,7 +16,7 @@ from .affinity import session_of
 from .body import find_model
 from .errors import RequestTooLarge
 from .failover import Connected, connect, exhausted
-from .headers import client_response_headers
+from .headers import client_response_headers, forwarded_raw
 from .routing import prefer
 from .state import GATEWAY, Gateway
 from .stream import relay_sse
@@ -39,10 +39,18 @@ async def _read_body(request: web.Request, gateway: Gateway) -> bytes:
     length = request.content_length
     if length is not None and length > limit:
         raise _too_large(limit)
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise _too_large(limit) from None
+    # Read the payload directly rather than with request.read(): that would keep a copy
+    # on the request object for as long as the response streams (a long stream must not
+    # pin a 100+ KB body), and it copies the body twice on the way.
+    content = request.content
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _too_large(limit: int) -> RequestTooLarge:
@@ -74,16 +82,17 @@ async def _forward(request: web.Request, *, count_tokens: bool) -> web.StreamRes
     suffix = raw_path[query_at:] if query_at >= 0 else ""
     started = loop.time()
     result = await connect(
-        gateway.session,
+        gateway.client,
         gateway.health,
         routing,
         candidates,
         body,
         field,
-        request.headers,
+        forwarded_raw(request.raw_headers, request.headers.get("connection")),
         suffix,
         count_tokens,
     )
+    del body  # no retry after this point: do not keep the request body alive while streaming
     if not isinstance(result, Connected):
         last = result.last
         if last is None:
@@ -111,9 +120,7 @@ async def _forward(request: web.Request, *, count_tokens: bool) -> web.StreamRes
         if upstream.content_type == _SSE:
             response = await relay_sse(request, upstream, headers, channel.name, channel.timeouts, failed)
         else:
-            connection = upstream.connection
-            if connection is not None and connection.protocol is not None:
-                connection.protocol.read_timeout = channel.timeouts.inactivity
+            upstream.set_read_timeout(channel.timeouts.inactivity)
             try:
                 with upstream_errors(channel.name):
                     payload = await upstream.read()

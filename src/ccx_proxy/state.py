@@ -12,6 +12,7 @@ from aiohttp import web
 from .affinity import SessionAffinity
 from .auth import AccessKeys
 from .catalog import ModelCatalog
+from .client import UpstreamClient
 from .config import GatewayConfig
 from .health import Clock, HealthRegistry
 from .routing import Router
@@ -32,7 +33,7 @@ class Runtime:
 
 
 class Gateway:
-    __slots__ = ("settings", "access_keys", "runtime", "health", "affinity", "_session")
+    __slots__ = ("settings", "access_keys", "runtime", "health", "affinity", "_session", "_client")
 
     def __init__(self, settings: Settings, config: GatewayConfig, clock: Clock | None = None) -> None:
         self.settings = settings
@@ -41,6 +42,7 @@ class Gateway:
         self.runtime = Runtime.build(config)
         self.affinity = SessionAffinity(config.affinity)
         self._session: aiohttp.ClientSession | None = None
+        self._client: UpstreamClient | None = None
 
     def apply(self, config: GatewayConfig) -> None:
         """Switch to a new configuration; in-flight requests keep their snapshot."""
@@ -54,8 +56,15 @@ class Gateway:
         assert self._session is not None, "the client session is opened at app startup"
         return self._session
 
-    def open_session(self, session: aiohttp.ClientSession) -> None:
+    @property
+    def client(self) -> UpstreamClient:
+        """The relay's own HTTP/1.1 client (:mod:`ccx_proxy.client`)."""
+        assert self._client is not None, "the upstream client is opened at app startup"
+        return self._client
+
+    def open_clients(self, session: aiohttp.ClientSession, client: UpstreamClient) -> None:
         self._session = session
+        self._client = client
 
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)

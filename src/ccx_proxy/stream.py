@@ -15,18 +15,19 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
 from .errors import sse_error_event
+from .exchange import UpstreamResponse
+from .h1 import UpstreamClientError
 from .policy import Timeouts
 
 log = logging.getLogger("ccx_proxy.stream")
 
 KEEPALIVE = b": keepalive\n\n"
 _TAIL = 4096  # enough to hold the final event
-_READ_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
+_READ_ERRORS = (UpstreamClientError, TimeoutError, OSError)
 
 
 def _at_boundary(tail: bytes) -> bool:
@@ -37,13 +38,28 @@ def _finished(tail: bytes) -> bool:
     """Whether the stream ended after a complete ``message_stop`` or ``error`` event."""
     if not _at_boundary(tail):
         return False
-    body = tail.rstrip(b"\r\n").replace(b"\r\n", b"\n")
-    last = body[body.rfind(b"\n\n") + 2 :] if b"\n\n" in body else body
+    # The last event is nearly always short: look in the last 512 bytes first (a
+    # blank line found there is the last one in the whole tail too).
+    last = _last_event(tail[-512:]) if len(tail) > 512 else None
+    if last is None:
+        last = _last_event(tail)
+        if last is None:
+            last = tail.rstrip(b"\r\n").replace(b"\r\n", b"\n")
     return (
         last.startswith(b"event: message_stop")
         or last.startswith(b"event: error")
         or (last.startswith(b"data:") and (b'"message_stop"' in last or b'"type":"error"' in last))
     )
+
+
+def _last_event(tail: bytes) -> bytes | None:
+    """The event after the last blank line (CRLF or LF line ends), or None if there is none."""
+    if b"\r" in tail:
+        body = tail.rstrip(b"\r\n").replace(b"\r\n", b"\n")
+    else:  # LF line ends (what Anthropic sends): no normalising copy
+        body = tail.rstrip(b"\n")
+    at = body.rfind(b"\n\n")
+    return body[at + 2 :] if at >= 0 else None
 
 
 class _Keepalive:
@@ -87,7 +103,7 @@ class _Keepalive:
 
 async def relay_sse(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     headers: CIMultiDict[str],
     channel: str,
     timeouts: Timeouts,
@@ -96,21 +112,25 @@ async def relay_sse(
     headers["X-Accel-Buffering"] = "no"
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     await response.prepare(request)
-    connection = upstream.connection
-    if connection is not None and connection.protocol is not None:
-        connection.protocol.read_timeout = timeouts.inactivity  # headers are in: idle limit from now on
+    upstream.set_read_timeout(timeouts.inactivity)  # headers are in: idle limit from now on
     encoded = "Content-Encoding" in upstream.headers
     inspect = upstream.status == 200 and not encoded
     loop = asyncio.get_running_loop()
-    keepalive = _Keepalive(loop, timeouts.keepalive, response) if inspect and timeouts.keepaliveMs else None
-    content = upstream.content
+    use_keepalive = inspect and timeouts.keepaliveMs > 0
+    keepalive: _Keepalive | None = None
+    read = upstream.readany
     write = response.write
     tail = b""
     failure: str | None = None
     try:
         while True:
+            if keepalive is None and use_keepalive and not upstream.ready:
+                # Started at the first wait: a response that arrives whole (the short,
+                # common case) never needs the timer; a stream gets it as before.
+                keepalive = _Keepalive(loop, timeouts.keepalive, response)
+                keepalive.boundary = _at_boundary(tail) if tail else True
             try:
-                chunk = await content.readany()
+                chunk = await read()
             except _READ_ERRORS as exc:
                 stalled = isinstance(exc, TimeoutError)
                 failure = (
@@ -125,10 +145,21 @@ async def relay_sse(
                     failure = f"upstream channel {channel!r} closed the stream before message_stop"
                 break
             if inspect:
-                tail = chunk[-_TAIL:] if len(chunk) >= _TAIL else (tail + chunk)[-_TAIL:]
+                # After an event boundary the chunk starts a new event: the last event lies
+                # within it, so keep a reference instead of a copy (no 4 KB per open stream).
+                if len(chunk) >= _TAIL:
+                    tail = chunk[-_TAIL:]
+                elif _at_boundary(tail):
+                    tail = chunk
+                else:
+                    tail = (tail + chunk)[-_TAIL:]
                 if keepalive is not None:
                     keepalive.last = loop.time()
                     keepalive.boundary = _at_boundary(tail)
+            if upstream.at_eof and (not inspect or _finished(tail)):
+                # The upstream is done: the last bytes and the end of the body in one write.
+                await response.write_eof(chunk)
+                return response
             await write(chunk)  # a client that went away raises here
     finally:
         if keepalive is not None:

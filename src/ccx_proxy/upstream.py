@@ -1,5 +1,9 @@
 """Talking to upstreams: endpoint URLs, the shared client session, timeouts, and
-the single mapping from client-side exceptions to gateway errors."""
+the single mapping from client-side exceptions to gateway errors.
+
+Relayed requests go through the gateway's own HTTP/1.1 client
+(:mod:`ccx_proxy.client`); the aiohttp session stays for everything else (the
+admin API's channel probe).  Both belong to the app and close with it."""
 
 from __future__ import annotations
 
@@ -11,7 +15,9 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
+from .client import KEEPALIVE_TIMEOUT, ConnectFailed
 from .errors import GatewayError, UpstreamTimeout, UpstreamUnreachable
+from .h1 import UpstreamClientError
 from .policy import Timeouts
 
 _VERSION_SUFFIX = re.compile(r"/v\d+$")
@@ -47,15 +53,8 @@ def endpoints(base_url: str) -> Endpoints:
 
 def make_session() -> aiohttp.ClientSession:
     """The one client session; every request passes its channel's own timeouts."""
-    connector = aiohttp.TCPConnector(
-        limit=0,  # no global cap: a cap would make long streams starve new requests
-        limit_per_host=0,
-        ttl_dns_cache=300,
-        keepalive_timeout=30,
-        enable_cleanup_closed=False,
-    )
     return aiohttp.ClientSession(
-        connector=connector,
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=KEEPALIVE_TIMEOUT),
         timeout=Timeouts().client_timeout,
         # Relay bytes exactly as the upstream sent them, encoding included.
         auto_decompress=False,
@@ -74,6 +73,12 @@ def gateway_error(exc: BaseException, channel: str) -> GatewayError | None:
     """
     if isinstance(exc, GatewayError):
         return exc
+    if isinstance(exc, UpstreamClientError):
+        if isinstance(exc, TimeoutError):
+            return UpstreamTimeout(f"upstream channel {channel!r} timed out: {exc}")
+        if isinstance(exc, ConnectFailed):
+            return UpstreamUnreachable(f"upstream channel {channel!r} is unreachable: {exc}")
+        return UpstreamUnreachable(f"upstream channel {channel!r} failed: {exc}")
     if isinstance(exc, (aiohttp.ServerTimeoutError, TimeoutError)):
         return UpstreamTimeout(f"upstream channel {channel!r} timed out: {_describe(exc)}")
     if isinstance(exc, aiohttp.ClientConnectorError):
