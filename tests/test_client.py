@@ -85,7 +85,16 @@ def test_response_framing(head: bytes, framing: str, length: int, keep_alive: bo
 
 @pytest.mark.parametrize(
     "head",
-    [b"HTTP/2 200 OK", b"HTTP/1.1 2000 OK", b"HTTP/1.1 200 OK\r\n bad: fold", b"HTTP/1.1 200 OK\r\nnocolon"],
+    [
+        b"HTTP/2 200 OK",
+        b"HTTP/1.1 2000 OK",
+        b"HTTP/1.1 200 OK\r\n bad: fold",
+        b"HTTP/1.1 200 OK\r\nnocolon",
+        "HTTP/1.1 200 OK\r\nContent-Length: \u00b2".encode(),  # isdigit() but not a number
+        "HTTP/1.1 2\u00b200 OK".encode(),
+        b"HTTP/1.1 200 OK\r\nX-Odd: 1\nSet-Cookie: evil=1",  # a bare LF inside a value
+        b"HTTP/1.1 200 OK\r\nX-Odd: a\x00b",
+    ],
 )
 def test_bad_response_heads(head: bytes) -> None:
     with pytest.raises(BadResponse):
@@ -373,7 +382,31 @@ async def test_https_upstreams_verify_the_certificate(aiohttp_server) -> None:
 
     default = UpstreamClient()  # the system trust store does not know this CA
     try:
-        with pytest.raises(ConnectFailed, match=r"localhost:\d+"):
+        with pytest.raises(ConnectFailed, match=r"localhost:\d+ .*(?i:certificate verify failed)"):
             await _request(default, url)
     finally:
         default.close()
+
+
+async def test_a_malformed_head_on_a_pooled_connection_is_not_sent_again(serve, client) -> None:
+    requests = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        try:
+            while True:
+                await _read_request(reader)
+                requests += 1
+                length = b"2" if requests == 1 else "\u00b2".encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: " + length + b"\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    url = await serve(handler)
+    first = await _request(client, url)
+    assert await first.read() == b"ok"
+    first.release()
+    with pytest.raises(BadResponse):
+        await _request(client, url)  # answered, badly: a bad response, not a stale connection
+    assert requests == 2

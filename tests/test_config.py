@@ -101,9 +101,7 @@ def test_unset_env_var_on_a_disabled_channel_is_fine() -> None:
         pytest.param(
             {"apiKeys": "k"}, "channels[0].apiKeys: must be an array of strings", id="keys-not-list"
         ),
-        pytest.param(
-            {"apiKeys": ["a b"]}, "channels[0].apiKeys[0]: must not contain whitespace", id="key-space"
-        ),
+        pytest.param({"apiKeys": ["a b"]}, "channels[0].apiKeys[0]: must be printable ASCII", id="key-space"),
         pytest.param(
             {"modelMapping": {"opus": ""}},
             "channels[0].modelMapping.opus: must be a non-empty",
@@ -130,6 +128,14 @@ def test_unset_env_var_on_a_disabled_channel_is_fine() -> None:
             {"customHeaders": {"X-A": "a\r\nb"}},
             "channels[0].customHeaders.X-A: must not contain line",
             id="header-crlf",
+        ),
+        pytest.param(
+            {"apiKeys": ["sk-\x00x"]}, "channels[0].apiKeys[0]: must be printable ASCII", id="key-nul"
+        ),
+        pytest.param(
+            {"customHeaders": {"X-A": "a\x7fb"}},
+            "channels[0].customHeaders.X-A: must not contain",
+            id="header-del",
         ),
         pytest.param({"name": ""}, "channels[0].name: must be a non-empty string", id="name-empty"),
         pytest.param({"name": "a/b"}, "channels[0].name: must be printable", id="name-slash"),

@@ -362,3 +362,65 @@ async def test_cut_mid_stream_is_an_sse_error_not_a_failover(start_gateway, pair
     _no_secret(body, resp)
     health = client.server.app[GATEWAY].health.get("a")
     assert health.breaker.consecutive == 1  # counted against the upstream
+
+
+async def test_client_leaving_during_an_error_body_releases_the_half_open_probe(
+    start_gateway, make_upstream
+) -> None:
+    a = await make_upstream()
+    clock = FakeClock()
+    hold = asyncio.Event()
+
+    async def gate(i: int) -> None:
+        await hold.wait()
+
+    client = await start_gateway(channel("a", a.url), clock=clock, circuitBreaker={"consecutiveFailures": 1})
+    a.reply = _error(500)
+    await _post(client)  # opens the circuit
+    health = client.server.app[GATEWAY].health.get("a")
+    assert health.breaker.state.value == "open"
+    clock.advance(10)
+    a.reply = Reply(status=500, headers=ERROR_JSON, chunks=[b'{"type":"error",', b"never"], gate=gate)
+    task = asyncio.ensure_future(client.post("/v1/messages", data=message_body(), headers=AUTH))
+    for _ in range(200):
+        if a.requests and health.breaker.state.value == "half-open":
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()  # the client gives up while the probe's error body is still coming
+    await asyncio.gather(task, return_exceptions=True)
+    for _ in range(200):
+        if health.breaker.available(clock()):
+            break
+        await asyncio.sleep(0.01)
+    assert health.breaker.available(clock())  # the probe slot was handed back
+    hold.set()
+
+
+async def test_an_upstream_echoing_the_key_in_its_error_never_shows_it(start_gateway, fake_upstream) -> None:
+    body = orjson.dumps(
+        {
+            "type": "error",
+            "error": {"type": "authentication_error", "message": f"key {UPSTREAM_KEY} was revoked"},
+        }
+    )
+    fake_upstream.reply = Reply(status=401, headers=ERROR_JSON, chunks=[body])
+    client = await start_gateway(channel("a", fake_upstream.url))
+    resp, raw = await _post(client)
+    assert resp.status == 401
+    _no_secret(raw, resp)
+    assert b"sk-\xe2\x80\xa6wxyz was revoked" in raw
+
+
+async def test_a_stall_after_message_stop_is_a_clean_end(start_gateway, fake_upstream) -> None:
+    hold = asyncio.Event()
+
+    async def gate(i: int) -> None:
+        await hold.wait()
+
+    fake_upstream.reply = Reply(chunks=[SSE_BODY, b"never"], gate=gate)  # complete, then silence
+    client = await start_gateway(channel("a", fake_upstream.url), keepaliveMs=0, **FAST)
+    resp, body = await asyncio.wait_for(_post(client), 10)
+    assert body == SSE_BODY  # no error event appended to a finished stream
+    health = client.server.app[GATEWAY].health.get("a")
+    assert health.breaker.consecutive == 0
+    hold.set()

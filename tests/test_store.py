@@ -99,3 +99,17 @@ def test_a_writer_killed_at_any_moment_leaves_the_old_or_the_new_file(tmp_path: 
     # Kills landed mid-write (each left its temp file behind), yet the real file was never torn.
     assert 1 <= len(leftovers) <= kills
     assert os.stat(target).st_size in (len(versions[0]), len(versions[1]))
+
+
+async def test_backups_are_no_more_readable_than_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "channels.json"
+    path.write_text(
+        json.dumps({"channels": [{"name": "a", "baseUrl": "https://a", "apiKeys": ["sk-secret"]}]})
+    )
+    path.chmod(0o600)
+    store = ChannelStore(path, env={})
+    await store.update(lambda doc: doc["channels"][0].update(status="disabled"), None)
+    (backup,) = (tmp_path / "backups").iterdir()
+    assert backup.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "backups").stat().st_mode & 0o777 == 0o700
+    assert path.stat().st_mode & 0o777 == 0o600

@@ -91,7 +91,7 @@ class UpstreamClient:
                 return await self._exchange(conn, head, body, loop, read_timeout, deadline)
             except NothingReceived:
                 pass  # the pooled connection had gone stale: once more, on a fresh one
-        left = deadline - loop.time()
+        left = max(0.0, deadline - loop.time())
         conn = await self._connect(key, min(connect_timeout if connect_timeout > 0 else NEVER, left))
         return await self._exchange(conn, head, body, loop, read_timeout, deadline)
 
@@ -149,6 +149,8 @@ class UpstreamClient:
             raise ConnectTimeout(f"connection to {host}:{port} timed out after {timeout:g} s") from None
         except OSError as exc:
             raise ConnectFailed(host, port, exc) from exc
+        except ValueError as exc:  # e.g. an IDNA error for an impossible host name
+            raise ConnectFailed(host, port, OSError(0, str(exc))) from exc
         if self.closed:
             conn.close()
             raise RuntimeError("the upstream client is closed")

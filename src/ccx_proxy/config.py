@@ -373,8 +373,8 @@ def _parse_channel(
                         f"environment variable {', '.join(missing)} is not set (channel {name!r} is active)",
                     )
                 continue
-            if any(c.isspace() for c in resolved):
-                f.problem(f"apiKeys[{i}]", "must not contain whitespace")
+            if any(c.isspace() or not c.isprintable() for c in resolved) or not resolved.isascii():
+                f.problem(f"apiKeys[{i}]", "must be printable ASCII without whitespace")
                 continue
             api_keys.append(resolved)
         if active and not raw_keys:
@@ -404,8 +404,8 @@ def _parse_channel(
                         f"customHeaders.{hname}",
                         f"environment variable {', '.join(missing)} is not set",
                     )
-                elif "\r" in value or "\n" in value:
-                    f.problem(f"customHeaders.{hname}", "must not contain line breaks")
+                elif any(c != "\t" and not c.isprintable() for c in value):
+                    f.problem(f"customHeaders.{hname}", "must not contain line breaks or control characters")
                 else:
                     custom_headers.append((hname, value))
 

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .h1 import ChunkedDecoder, Head, UpstreamClientError, parse_head
+from .h1 import BadResponse, ChunkedDecoder, Head, UpstreamClientError, parse_head
 
 NEVER = float("inf")
 _HIGH_WATER = 256 * 1024  # unread body bytes before the upstream socket is paused
@@ -97,6 +97,7 @@ class UpstreamResponse:
         "_loop",
         "_head",
         "_head_buf",
+        "_fed",
         "_framing",
         "_remaining",
         "_chunked",
@@ -125,6 +126,7 @@ class UpstreamResponse:
         self._loop = loop
         self._head: Head | None = None
         self._head_buf = b""
+        self._fed = False  # any byte at all, 1xx interim responses included
         self._framing = ""
         self._remaining = 0
         self._chunked: ChunkedDecoder | None = None
@@ -145,6 +147,7 @@ class UpstreamResponse:
     # -- fed by the connection ------------------------------------------------
 
     def feed(self, data: bytes) -> None:
+        self._fed = True
         self._last = self._loop.time()
         try:
             if self._head is None:
@@ -154,6 +157,8 @@ class UpstreamResponse:
             self._feed_body(data)
         except UpstreamClientError as exc:
             self._fail(exc)
+        except Exception as exc:  # a parse error of any kind: a bad response, never a crash
+            self._fail(BadResponse(f"unparseable response: {type(exc).__name__}: {exc}"))
             self._conn.close()
 
     def _feed_head(self, data: bytes) -> bytes:
@@ -243,7 +248,7 @@ class UpstreamResponse:
         if self._head is not None and self._framing == "close" and exc is None:
             self._finish()  # the body was delimited by the close
             return
-        if self._head is None and not self._head_buf:
+        if self._head is None and not self._fed:
             self._fail(NothingReceived("the upstream closed the connection before responding"))
         elif self._head is None:
             self._fail(Disconnected("the upstream closed the connection in the middle of the response head"))

@@ -109,6 +109,7 @@ async def connect(
                 if budget <= 0 or loop.time() >= deadline:
                     outcome.tried.append("attempt limit or failover deadline reached")
                     return outcome
+                headers = upstream_header_block(client_headers, credential, channel.custom_headers)
                 if not health.breaker.acquire(now):
                     outcome.tried.append(f"{channel.name}: {_unavailable(health, now)}")
                     next_channel = True
@@ -125,7 +126,7 @@ async def connect(
                     key,
                     url,
                     payload,
-                    upstream_header_block(client_headers, credential, channel.custom_headers),
+                    headers,
                     api_key,
                     policy,
                     registry,
@@ -208,8 +209,15 @@ async def _attempt(
             error_body = await response.read(_ERROR_BODY_LIMIT)
     except (UpstreamClientError, TimeoutError, OSError):
         error_body = b""
+    except asyncio.CancelledError:  # the client left while the error body was coming
+        health.breaker.release()
+        key.breaker.release()
+        raise
     finally:
         response.close()
+    # A provider may echo the key it rejected: the client never sees it unmasked.
+    for secret in channel.api_keys:
+        error_body = error_body.replace(secret.encode(), mask_secret(secret).encode())
     outcome.last = UpstreamError(status, response.reason, response.headers, error_body, channel.name)
     now = registry.clock()
     masked = mask_secret(api_key)  # only on the failure path: it costs a little on every request

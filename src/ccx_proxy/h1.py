@@ -32,6 +32,9 @@ class BadResponse(UpstreamClientError):
     """The upstream's bytes are not a valid HTTP/1.1 response."""
 
 
+_DIGITS = re.compile(r"[0-9]+")  # str.isdigit() admits "²" and other non-ASCII digits
+
+
 def request_head(url: URL, header_block: bytes, body_length: int) -> bytes:
     """``POST`` request head: Host, the header lines (each CRLF-terminated), Content-Length."""
     target, host = url.raw_path_qs, url.host_port_subcomponent or ""
@@ -58,14 +61,17 @@ def parse_head(raw: bytes, *, response_to_head: bool = False) -> Head:
     lines = text.split("\r\n")
     version, _, rest = lines[0].partition(" ")
     code, _, reason = rest.partition(" ")
-    if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
+    if version not in ("HTTP/1.1", "HTTP/1.0") or not _DIGITS.fullmatch(code) or len(code) != 3:
         raise BadResponse(f"bad status line {lines[0][:100]!r}")
     headers: CIMultiDict[str] = CIMultiDict()
     for line in lines[1:]:
         name, colon, value = line.partition(":")
         if not colon or not name or name[-1] in " \t" or name[0] in " \t":
             raise BadResponse(f"bad header line {line[:100]!r}")
-        headers.add(name, value.strip(" \t"))
+        value = value.strip(" \t")
+        if _CTL.search(value) or _CTL.search(name):  # a bare CR/LF or NUL: never pass it on
+            raise BadResponse(f"control character in header {name[:100]!r}")
+        headers.add(name, value)
     status = int(code)
     connection = headers.get("Connection", "").lower()
     keep_alive = version == "HTTP/1.1" and "close" not in connection
@@ -83,7 +89,7 @@ def parse_head(raw: bytes, *, response_to_head: bool = False) -> Head:
         elif "Content-Length" in headers:
             values = {v.strip() for v in headers.getall("Content-Length")}
             value = values.pop()
-            if values or not value.isdigit():
+            if values or not _DIGITS.fullmatch(value):
                 raise BadResponse("bad Content-Length")
             framing, length = "length", int(value)
         else:

@@ -54,9 +54,11 @@ def canonical(doc: Document) -> bytes:
     return orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Replace ``path`` with ``data`` whole; ``mode`` defaults to the file's current one."""
     directory = path.parent
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    if mode is None:
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o600
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -131,9 +133,11 @@ class ChannelStore:
 
     def _commit(self, data: bytes) -> None:
         if self.backups and self.path.exists():
-            self.backup_dir.mkdir(exist_ok=True)
+            # Backups hold the same secrets as the file: no wider permissions than it has.
+            self.backup_dir.mkdir(mode=0o700, exist_ok=True)
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-            atomic_write(self.backup_dir / f"{self.path.name}.{stamp}", self.path.read_bytes())
+            mode = self.path.stat().st_mode & 0o777
+            atomic_write(self.backup_dir / f"{self.path.name}.{stamp}", self.path.read_bytes(), mode)
             kept = sorted(self.backup_dir.glob(f"{self.path.name}.*"))
             for old in kept[: max(0, len(kept) - self.backups)]:
                 old.unlink(missing_ok=True)

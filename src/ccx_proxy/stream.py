@@ -80,14 +80,21 @@ class _Keepalive:
 
     def _tick(self) -> None:
         quiet = self._loop.time() - self.last
-        if quiet >= self._interval and self.boundary and self._task is None:
+        if quiet < self._interval:
+            self._handle = self._loop.call_later(self._interval - quiet, self._tick)
+            return
+        if self.boundary and self._task is None:
             self._task = self._loop.create_task(self._send())
-            self._handle = self._loop.call_later(self._interval, self._tick)
-        else:
-            self._handle = self._loop.call_later(max(self._interval - quiet, 0.01), self._tick)
+        # Quiet but inside an event (or a keepalive still being written): look again one
+        # interval later, not in a tight loop.
+        self._handle = self._loop.call_later(self._interval, self._tick)
 
     async def _send(self) -> None:
         try:
+            # Data may have arrived between the tick and this task: check again; the
+            # write below reaches the transport before any await, so nothing interleaves.
+            if not self.boundary or self._loop.time() - self.last < self._interval:
+                return
             await self._response.write(KEEPALIVE)
         except (ConnectionError, RuntimeError):
             pass  # the client left; the relay loop finds out on its next write
@@ -132,6 +139,11 @@ async def relay_sse(
             try:
                 chunk = await read()
             except _READ_ERRORS as exc:
+                if inspect and _finished(tail):
+                    # message_stop (or an error event) was already relayed: the stream is
+                    # complete whatever happened to the connection afterwards.
+                    upstream.close()
+                    break
                 stalled = isinstance(exc, TimeoutError)
                 failure = (
                     f"upstream channel {channel!r} stalled: no data for "

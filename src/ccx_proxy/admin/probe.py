@@ -25,8 +25,9 @@ _TIMEOUT = 30.0
 
 
 def _scrub(text: str, channel: Channel) -> str:
-    for key in channel.api_keys:
-        text = text.replace(key, mask_secret(key))
+    for secret in (*channel.api_keys, *(value for _, value in channel.custom_headers)):
+        if len(secret) >= 6:  # a short header value is no secret worth hiding, and would mangle text
+            text = text.replace(secret, mask_secret(secret))
     return text
 
 
@@ -87,10 +88,10 @@ async def probe_channel(
     result["latencyMs"] = round((time.perf_counter() - started) * 1000, 1)
     result["ok"] = 200 <= response.status < 300
     if not result["ok"]:
-        text = payload.decode("utf-8", "replace")
+        text = _scrub(payload.decode("utf-8", "replace"), channel)  # before any cut
         try:
-            text = orjson.loads(payload)["error"]["message"]
+            text = str(orjson.loads(text)["error"]["message"])
         except (orjson.JSONDecodeError, KeyError, TypeError):
             text = text[:500]
-        result["error"] = _scrub(f"upstream {response.status}: {text}", channel)
+        result["error"] = f"upstream {response.status}: {text}"
     return result
