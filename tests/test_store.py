@@ -113,3 +113,21 @@ async def test_backups_are_no_more_readable_than_the_file(tmp_path: Path) -> Non
     assert backup.stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "backups").stat().st_mode & 0o777 == 0o700
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+async def test_if_match_lists_and_stale_temp_files(tmp_path: Path) -> None:
+    path = tmp_path / "channels.json"
+    path.write_text(json.dumps({"channels": [{"name": "a", "baseUrl": "https://a", "apiKeys": ["k"]}]}))
+    old_tmp = tmp_path / ".channels.json.abc123.tmp"  # what a writer killed long ago left
+    old_tmp.write_text("{half")
+    os.utime(old_tmp, (time.time() - 3600, time.time() - 3600))
+    fresh_tmp = tmp_path / ".channels.json.def456.tmp"  # another process, mid-write right now
+    fresh_tmp.write_text("{half")
+    store = ChannelStore(path, env={}, backups=0)
+    _, version = store.read()
+    await store.update(lambda doc: doc["channels"][0].update(priority=3), ("nope", version))
+    assert not old_tmp.exists() and fresh_tmp.exists()
+    from ccx_proxy.errors import Conflict
+
+    with pytest.raises(Conflict):
+        await store.update(lambda doc: None, ("nope", version))  # the version moved on

@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,6 +87,17 @@ class ChannelStore:
         self.backups = backups
         self._lock = asyncio.Lock()
 
+    def _sweep_temp_files(self) -> None:
+        """Temp files a killed writer left behind (never the live file); a minute old at least,
+        so a writer in another worker process that is mid-write keeps its own."""
+        cutoff = time.time() - 60
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            try:
+                if stale.stat().st_mtime < cutoff:
+                    stale.unlink()
+            except OSError:
+                pass
+
     @property
     def backup_dir(self) -> Path:
         return self.path.parent / "backups"
@@ -98,7 +110,7 @@ class ChannelStore:
         return doc, version_of(raw)
 
     async def update(
-        self, change: Callable[[Document], None], if_match: str | None
+        self, change: Callable[[Document], None], if_match: str | tuple[str, ...] | None
     ) -> tuple[GatewayConfig, Document, str]:
         """Apply ``change`` to a copy of the file's JSON, validate, and write it.
 
@@ -110,17 +122,19 @@ class ChannelStore:
             return await asyncio.to_thread(self._update_locked, change, if_match)
 
     def _update_locked(
-        self, change: Callable[[Document], None], if_match: str | None
+        self, change: Callable[[Document], None], if_match: str | tuple[str, ...] | None
     ) -> tuple[GatewayConfig, Document, str]:
+        accepted = (if_match,) if isinstance(if_match, str) else if_match
         lock_path = self.path.parent / f".{self.path.name}.lock"
         with open(lock_path, "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 doc, version = self.read()
-                if if_match is not None and if_match != version:
+                if accepted is not None and version not in accepted:
                     raise Conflict(
                         "the channels file changed since you read it (version "
-                        f"{if_match} is stale, current is {version}); reload and apply your edit again"
+                        f"{', '.join(accepted)} is stale, current is {version}); "
+                        "reload and apply your edit again"
                     )
                 edited = copy.deepcopy(doc)
                 change(edited)
@@ -132,6 +146,7 @@ class ChannelStore:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _commit(self, data: bytes) -> None:
+        self._sweep_temp_files()
         if self.backups and self.path.exists():
             # Backups hold the same secrets as the file: no wider permissions than it has.
             self.backup_dir.mkdir(mode=0o700, exist_ok=True)

@@ -75,11 +75,12 @@ def _json_response(data: Any, version: str | None = None, status: int = 200) -> 
     )
 
 
-def _if_match(request: web.Request) -> str | None:
+def _if_match(request: web.Request) -> tuple[str, ...] | None:
+    """The versions an ``If-Match`` header accepts (a list is allowed); None: no condition."""
     value = request.headers.get("If-Match")
     if not value or value.strip() == "*":
         return None
-    return value.strip().removeprefix("W/").strip('"')
+    return tuple(v.strip().removeprefix("W/").strip('"') for v in value.split(",") if v.strip())
 
 
 async def _body(request: web.Request) -> Any:
