@@ -3,11 +3,12 @@ target in turn (direct, gateway, ...) so that drift and noise hit all alike."""
 
 from __future__ import annotations
 
-import math
 import statistics
 from dataclasses import dataclass, field
 
 from http1 import BlockingClient, Timing
+
+from ccx_proxy.benchmark import percentile  # one nearest-rank rule for every figure
 
 
 @dataclass
@@ -24,15 +25,6 @@ class Samples:
     total_us: list[float] = field(default_factory=list)
     errors: int = 0
     size: int = 0
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of unsorted values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
-    return ordered[rank]
 
 
 def summary(values: list[float]) -> dict[str, float]:
