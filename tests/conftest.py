@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,6 +104,13 @@ class FakeUpstream:
             raise
         self.completed += 1
         return response
+
+
+def unused_port() -> int:
+    """A loopback port nothing listens on (free when this returns; tests bind it soon)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def channel(name: str = "up", base_url: str = "http://127.0.0.1:1", **fields: Any) -> dict[str, Any]:

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from typing import Any
 import pytest
 
 from ccx_proxy.headers import mask_secret
+from tests.conftest import unused_port
 
 try:
     from playwright.sync_api import ConsoleMessage, Page, expect, sync_playwright
@@ -71,15 +71,9 @@ class Gateway:
     config: Path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[Gateway]:
-    port, mock_port = _free_port(), _free_port()
+    port, mock_port = unused_port(), unused_port()
     demo = json.loads((REPO / "channels.json").read_text())
     demo["channels"][0]["baseUrl"] = f"http://127.0.0.1:{mock_port}"
     config = tmp_path / "channels.json"

@@ -1,7 +1,5 @@
 """Auth, bad input, routes and the gateway's own errors, end to end."""
 
-import socket
-
 import orjson
 import pytest
 
@@ -14,6 +12,7 @@ from tests.conftest import (
     channel,
     make_settings,
     message_body,
+    unused_port,
 )
 
 
@@ -134,14 +133,8 @@ async def test_routing_errors(gateway, method, path, status, fragment) -> None:
     assert fragment in assert_anthropic_error(status, await resp.read(), error_type)
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_unreachable_upstream_is_502_naming_the_channel_not_the_key(start_gateway) -> None:
-    client = await start_gateway(channel("dead-end", f"http://127.0.0.1:{_closed_port()}"))
+    client = await start_gateway(channel("dead-end", f"http://127.0.0.1:{unused_port()}"))
     resp = await client.post("/v1/messages", data=message_body(), headers=AUTH)
     assert resp.status == 502
     body = await resp.read()

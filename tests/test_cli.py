@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from ccx_proxy.cli import main
+from tests.conftest import unused_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,12 +33,6 @@ def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         cwd=REPO,
         timeout=30,
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_serve_refuses_to_start_without_an_access_key() -> None:
@@ -111,7 +106,7 @@ def test_version_and_module_entry_point() -> None:
 
 
 async def test_serve_with_mock_upstream_answers_end_to_end() -> None:
-    port, mock_port = _free_port(), _free_port()
+    port, mock_port = unused_port(), unused_port()
     config = REPO / "channels.json"
     demo = json.loads(config.read_text())
     demo["channels"][0]["baseUrl"] = f"http://127.0.0.1:{mock_port}"

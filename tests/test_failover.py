@@ -1,7 +1,6 @@
 """The fault matrix: what the client sees, which channel/key served, nothing leaked."""
 
 import asyncio
-import socket
 from typing import Any
 
 import orjson
@@ -17,6 +16,7 @@ from tests.conftest import (
     assert_anthropic_error,
     channel,
     message_body,
+    unused_port,
 )
 
 ERROR_JSON = {"Content-Type": "application/json"}
@@ -28,12 +28,6 @@ def _error(status: int, **headers: str) -> Reply:
         {"type": "error", "error": {"type": "upstream_error", "message": f"upstream says {status}"}}
     )
     return Reply(status=status, headers={**ERROR_JSON, **headers}, chunks=[body])
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -81,7 +75,7 @@ async def test_failover_to_the_next_channel(start_gateway, pair, reply: Reply) -
 
 async def test_connection_refused_fails_over(start_gateway, fake_upstream) -> None:
     client = await start_gateway(
-        channel("dead", f"http://127.0.0.1:{_closed_port()}", priority=1),
+        channel("dead", f"http://127.0.0.1:{unused_port()}", priority=1),
         channel("b", fake_upstream.url, priority=2),
     )
     resp, body = await _post(client)
@@ -173,8 +167,8 @@ async def test_every_candidate_failing_returns_the_last_upstream_error(start_gat
 
 async def test_every_candidate_unreachable_is_a_503_naming_channels_not_keys(start_gateway) -> None:
     client = await start_gateway(
-        channel("one", f"http://127.0.0.1:{_closed_port()}", priority=1),
-        channel("two", f"http://127.0.0.1:{_closed_port()}", priority=2),
+        channel("one", f"http://127.0.0.1:{unused_port()}", priority=1),
+        channel("two", f"http://127.0.0.1:{unused_port()}", priority=2),
     )
     resp, body = await _post(client)
     assert resp.status == 503
@@ -195,7 +189,7 @@ async def test_max_attempts_bounds_the_failover(start_gateway, pair) -> None:
 
 async def test_extra_base_urls_are_tried_within_the_channel(start_gateway, fake_upstream) -> None:
     client = await start_gateway(
-        channel("a", f"http://127.0.0.1:{_closed_port()}", baseUrls=[fake_upstream.url + "/mirror"])
+        channel("a", f"http://127.0.0.1:{unused_port()}", baseUrls=[fake_upstream.url + "/mirror"])
     )
     resp, body = await _post(client)
     assert (resp.status, body, resp.headers["x-ccx-channel"]) == (200, SSE_BODY, "a")

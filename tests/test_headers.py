@@ -1,52 +1,67 @@
+import pytest
 from multidict import CIMultiDict
 
 from ccx_proxy.headers import (
+    channel_lines,
     client_key,
     client_response_headers,
     credential_header,
+    forwarded_raw,
     mask_secret,
-    upstream_request_headers,
+    upstream_header_block,
 )
 
 CRED = ("x-api-key", "sk-channel")
 
 
+def _block(raw: list[tuple[bytes, bytes]], custom: tuple[tuple[str, str], ...] = ()) -> bytes:
+    connection = next((v.decode() for k, v in raw if k.lower() == b"connection"), None)
+    names = frozenset(n.lower().encode() for n, _ in custom)
+    return upstream_header_block(forwarded_raw(raw, connection), channel_lines(CRED, custom), names)
+
+
 def test_end_to_end_headers_pass_and_credentials_are_replaced() -> None:
-    incoming = CIMultiDict(
-        [
-            ("Host", "gw:3000"),
-            ("Content-Length", "10"),
-            ("x-api-key", "client-key"),
-            ("Authorization", "Bearer client-key"),
-            ("anthropic-version", "2023-06-01"),
-            ("anthropic-beta", "a,b"),
-            ("anthropic-beta", "c"),
-            ("User-Agent", "claude-cli/2.0"),
-            ("X-Stainless-Lang", "js"),
-            ("X-Claude-Code-Session-Id", "s-1"),
-            ("Connection", "keep-alive, X-Hop"),
-            ("X-Hop", "1"),
-            ("Keep-Alive", "timeout=5"),
-            ("Transfer-Encoding", "chunked"),
-            ("X-Channel", "pinned"),
-        ]
-    )
-    out = upstream_request_headers(incoming, CRED, ())
-    assert out == [
-        ("anthropic-version", "2023-06-01"),
-        ("anthropic-beta", "a,b"),
-        ("anthropic-beta", "c"),
-        ("User-Agent", "claude-cli/2.0"),
-        ("X-Stainless-Lang", "js"),
-        ("X-Claude-Code-Session-Id", "s-1"),
-        CRED,
+    raw = [
+        (b"Host", b"gw:3000"),
+        (b"Content-Length", b"10"),
+        (b"x-api-key", b"client-key"),
+        (b"Authorization", b"Bearer client-key"),
+        (b"anthropic-version", b"2023-06-01"),
+        (b"anthropic-beta", b"a,b"),
+        (b"anthropic-beta", b"c"),
+        (b"User-Agent", b"claude-cli/2.0"),
+        (b"X-Stainless-Lang", b"js"),
+        (b"X-Claude-Code-Session-Id", b"s-1"),
+        (b"Connection", b"keep-alive, X-Hop"),
+        (b"X-Hop", b"1"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"X-Channel", b"pinned"),
     ]
+    assert _block(raw) == (
+        b"anthropic-version: 2023-06-01\r\n"
+        b"anthropic-beta: a,b\r\n"
+        b"anthropic-beta: c\r\n"
+        b"User-Agent: claude-cli/2.0\r\n"
+        b"X-Stainless-Lang: js\r\n"
+        b"X-Claude-Code-Session-Id: s-1\r\n"
+        b"x-api-key: sk-channel\r\n"
+    )
 
 
 def test_custom_headers_are_added_and_override_client_values() -> None:
-    incoming = CIMultiDict([("X-Org", "client"), ("anthropic-version", "2023-06-01")])
-    out = upstream_request_headers(incoming, CRED, (("x-org", "channel"), ("X-Extra", "1")))
-    assert out == [("anthropic-version", "2023-06-01"), CRED, ("x-org", "channel"), ("X-Extra", "1")]
+    raw = [(b"X-Org", b"client"), (b"anthropic-version", b"2023-06-01")]
+    assert _block(raw, (("x-org", "channel"), ("X-Extra", "1"))) == (
+        b"anthropic-version: 2023-06-01\r\nx-api-key: sk-channel\r\nx-org: channel\r\nX-Extra: 1\r\n"
+    )
+
+
+def test_channel_lines_refuse_control_characters() -> None:
+    for bad in (("x-api-key", "k\r\nx-evil: 1"), ("x-api-key", "k\x00")):
+        with pytest.raises(ValueError):
+            channel_lines(bad, ())
+    with pytest.raises(ValueError):
+        channel_lines(CRED, (("X-A", "a\nb"),))
 
 
 def test_response_headers_drop_hop_by_hop_and_length() -> None:

@@ -17,7 +17,7 @@ import pytest
 from ccx_proxy.app import WATCHER, create_app
 from ccx_proxy.config import load_config
 from ccx_proxy.state import GATEWAY
-from tests.conftest import AUTH, SSE_BODY, Reply, make_settings, message_body
+from tests.conftest import AUTH, SSE_BODY, Reply, make_settings, message_body, unused_port
 
 
 def _write(path: Path, channels: list[dict[str, Any]]) -> None:
@@ -135,14 +135,8 @@ async def test_reload_under_load_drops_nothing(setup: Any) -> None:
 
 
 def test_sighup_reloads_a_running_server(tmp_path: Path) -> None:
-    import socket
 
-    def free() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-
-    port, mock_port = free(), free()
+    port, mock_port = unused_port(), unused_port()
     path = tmp_path / "channels.json"
     mock = f"http://127.0.0.1:{mock_port}"
     _write(path, [_ch("first", mock, apiKeys=["mock-upstream-key"])])

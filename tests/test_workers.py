@@ -19,16 +19,10 @@ import pytest
 from ccx_proxy.mock_upstream import MockUpstream
 from ccx_proxy.workers import WorkersError, worker_count
 
-from .conftest import UPSTREAM_KEY
+from .conftest import UPSTREAM_KEY, unused_port
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT and /proc: Linux")
 KEY = "workers-test-key"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -98,7 +92,7 @@ async def test_two_workers_share_the_port_serve_and_stop_cleanly(aiohttp_server:
     config = tmp_path / "channels.json"
     channel = {"name": "mock", "baseUrl": str(upstream.make_url("")), "apiKeys": [UPSTREAM_KEY]}
     config.write_text(json.dumps({"channels": [channel]}))
-    port = _free_port()
+    port = unused_port()
     argv = [sys.executable, "-m", "ccx_proxy", "serve", "--workers", "2", "--port", str(port)]
     proc = subprocess.Popen(
         [*argv, "--config", str(config)],
@@ -150,7 +144,7 @@ async def test_a_dying_worker_stops_the_others(tmp_path: Path) -> None:
     config.write_text(
         json.dumps({"channels": [{"name": "x", "baseUrl": "http://127.0.0.1:1", "apiKeys": ["k"]}]})
     )
-    port = _free_port()
+    port = unused_port()
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -19,7 +19,7 @@ from typing import Any, Literal, cast
 import orjson
 from yarl import URL
 
-from .headers import RESERVED_CUSTOM, credential_header, mask_secret
+from .headers import RESERVED_CUSTOM, channel_lines, credential_header, mask_secret
 from .mapping import Allowlist, ModelTable, pattern_problem
 from .policy import (
     ROUTING_FIELDS,
@@ -95,16 +95,22 @@ class Channel:
     urls: Endpoints = field(init=False, repr=False, compare=False)
     all_urls: tuple[Endpoints, ...] = field(init=False, repr=False, compare=False)
     credentials: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
+    # Per key: the upstream request's channel header lines (key + customHeaders), as bytes.
+    header_lines: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
+    custom_names: frozenset[bytes] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         bases = dict.fromkeys((self.base_url, *self.base_urls))
         all_urls = tuple(endpoints(b) for b in bases)
+        credentials = tuple(credential_header(self.auth_header, k) for k in self.api_keys)
         compiled = {
+            "header_lines": tuple(channel_lines(c, self.custom_headers) for c in credentials),
+            "custom_names": frozenset(name.lower().encode() for name, _ in self.custom_headers),
             "models": ModelTable(self.model_mapping),
             "allowlist": Allowlist(self.supported_models),
             "urls": all_urls[0],
             "all_urls": all_urls,
-            "credentials": tuple(credential_header(self.auth_header, k) for k in self.api_keys),
+            "credentials": credentials,
         }
         for name, value in compiled.items():
             object.__setattr__(self, name, value)

@@ -98,7 +98,7 @@ async def connect(
         next_channel = False
         for urls in channel.all_urls:
             url = URL((urls.count_tokens if count_tokens else urls.messages) + path_suffix, encoded=True)
-            for api_key, credential in zip(channel.api_keys, channel.credentials, strict=True):
+            for api_key, own_lines in zip(channel.api_keys, channel.header_lines, strict=True):
                 key = health.key(api_key, channel.breaker)
                 now = registry.clock()
                 if not key.available(now):
@@ -109,7 +109,7 @@ async def connect(
                 if budget <= 0 or loop.time() >= deadline:
                     outcome.tried.append("attempt limit or failover deadline reached")
                     return outcome
-                headers = upstream_header_block(client_headers, credential, channel.custom_headers)
+                headers = upstream_header_block(client_headers, own_lines, channel.custom_names)
                 if not health.breaker.acquire(now):
                     outcome.tried.append(f"{channel.name}: {_unavailable(health, now)}")
                     next_channel = True

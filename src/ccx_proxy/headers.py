@@ -9,7 +9,6 @@ credentials, which are replaced by the channel's key.
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Mapping, Sequence
 
@@ -44,24 +43,6 @@ def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
     return frozenset(t.strip().lower() for t in value.split(","))
 
 
-def upstream_request_headers(
-    incoming: Mapping[str, str],
-    credential: tuple[str, str],
-    custom: tuple[tuple[str, str], ...],
-) -> list[tuple[str, str]]:
-    """Headers for the upstream request: the client's, filtered, plus the channel's."""
-    drop = _REQUEST_DROP
-    if "connection" in incoming:
-        drop = drop | _connection_tokens(incoming)
-    out = [(k, v) for k, v in incoming.items() if k.lower() not in drop]
-    out.append(credential)
-    if custom:
-        names = {name.lower() for name, _ in custom}
-        out = [(k, v) for k, v in out if k.lower() not in names]
-        out.extend(custom)
-    return out
-
-
 RawHeaders = Sequence[tuple[bytes, bytes]]
 _REQUEST_DROP_RAW = frozenset(name.encode() for name in _REQUEST_DROP)
 # A header line may not carry a control character other than HTAB (no smuggled CR/LF).
@@ -71,9 +52,8 @@ _CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 def forwarded_raw(raw: RawHeaders, connection: str | None = None) -> list[tuple[bytes, bytes]]:
     """The client's headers that go upstream, as the bytes it sent them.
 
-    The same rule as :func:`upstream_request_headers` (which stays the readable
-    reference; a test holds them equal), on the raw pairs the server parsed:
-    once per request, with no decoding and re-encoding of every header.
+    Works on the raw pairs the server parsed: once per request, with no decoding
+    and re-encoding of every header (tests hold it to a plain reference rule).
     ``connection`` is the (first) Connection header's value, looked up by the
     caller in its parsed headers.
     """
@@ -84,22 +64,22 @@ def forwarded_raw(raw: RawHeaders, connection: str | None = None) -> list[tuple[
 
 
 def upstream_header_block(
-    forwarded: list[tuple[bytes, bytes]],
-    credential: tuple[str, str],
-    custom: tuple[tuple[str, str], ...],
+    forwarded: list[tuple[bytes, bytes]], channel_block: bytes, custom_names: frozenset[bytes]
 ) -> bytes:
-    """``name: value`` CRLF lines for the upstream request: the client's, then the channel's."""
-    if custom:
-        names = {name.lower().encode() for name, _ in custom}
-        forwarded = [(k, v) for k, v in forwarded if k.lower() not in names]
+    """``name: value`` CRLF lines for the upstream request: the client's, then the channel's
+    (``channel_block``, built once at load by :func:`channel_lines`)."""
+    if custom_names:
+        forwarded = [(k, v) for k, v in forwarded if k.lower() not in custom_names]
     lines = [b": ".join(pair) for pair in forwarded]
-    lines.append(_channel_lines(credential, custom))
+    lines.append(channel_block)
     return b"\r\n".join(lines)
 
 
-@functools.lru_cache(maxsize=4096)
-def _channel_lines(credential: tuple[str, str], custom: tuple[tuple[str, str], ...]) -> bytes:
-    """The channel's own lines (key, customHeaders): the same for every request, so built once."""
+def channel_lines(credential: tuple[str, str], custom: tuple[tuple[str, str], ...]) -> bytes:
+    """A channel's own header lines (one key, the customHeaders), CRLF-terminated.
+
+    Built at load; config validation already refuses control characters, this
+    refuses them again so no caller can smuggle a CR/LF into a request head."""
     own = [f"{name}: {value}" for name, value in (credential, *custom)]
     if _CTL.search("\t".join(own)):
         raise ValueError("control character in a channel's key or custom header")
