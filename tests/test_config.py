@@ -41,7 +41,7 @@ def test_issue_example_loads_with_env_key() -> None:
     assert ch.api_keys == ("sk-deepseek-real-1234",)
     assert ch.key_refs == ("${DEEPSEEK_API_KEY}",)
     assert ch.credentials == (("x-api-key", "sk-deepseek-real-1234"),)
-    assert ch.urls.messages == "https://api.deepseek.com/anthropic/v1/messages"
+    assert ch.urls.messages.url == "https://api.deepseek.com/anthropic/v1/messages"
     assert ch.models.lookup("claude-opus-4-1") == "deepseek-v4-pro"
     assert config.warnings == ()
     assert "sk-deepseek-real-1234" not in ch.summary()
@@ -266,8 +266,9 @@ def test_resilience_settings_top_level_and_per_channel() -> None:
     assert b.timeouts.streamInactivityTimeoutMs == 120_000 and b.timeouts.keepaliveMs == 0
     assert not a.breaker.enabled and a.breaker.consecutiveFailures == 2
     assert b.breaker.enabled and b.breaker.consecutiveFailures == 2
-    assert [u.messages for u in a.all_urls] == ["https://a/v1/messages", "https://a2/v1/messages"]
-    assert b.timeouts.client_timeout.sock_connect == 2.0 and b.timeouts.client_timeout.total is None
+    assert [u.messages.url for u in a.all_urls] == ["https://a/v1/messages", "https://a2/v1/messages"]
+    assert b.timeouts.connect == 2.0 and b.timeouts.first_byte(True) == 60.0
+    assert b.timeouts.first_byte(False) == 600.0  # nonStreamTimeoutMs: the SDKs' own default
 
 
 @pytest.mark.parametrize(

@@ -67,12 +67,13 @@ def test_registry_reload_reenables_keys_and_forgets_removed_channels() -> None:
     registry = HealthRegistry(clock=lambda: 0.0)
     a = registry.channel("a", POLICY)
     a.key("k", POLICY).disabled = True
-    a.key("k", POLICY).cooldown_until = 50
+    a.key("k", POLICY).cool_down("m", 50)
     registry.channel("gone", POLICY)
     registry.reloaded({"a"})
     assert registry.get("gone") is None
     assert not registry.channel("a", POLICY).key("k", POLICY).disabled
-    assert registry.channel("a", POLICY).key("k", POLICY).cooldown_until == 50
+    assert registry.channel("a", POLICY).key("k", POLICY).cooling("m", 0) == 50
+    assert registry.channel("a", POLICY).key("k", POLICY).cooling("other-model", 0) == 0
 
 
 @pytest.mark.parametrize(

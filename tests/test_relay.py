@@ -104,7 +104,16 @@ async def test_upstream_errors_pass_through_unchanged(
     assert resp.headers["retry-after"] == "7"
 
 
-async def test_compressed_upstream_bytes_are_relayed_undecoded(gateway, fake_upstream: FakeUpstream) -> None:
+async def test_upstreams_are_asked_for_identity_encoding(gateway, fake_upstream: FakeUpstream) -> None:
+    resp = await gateway.post("/v1/messages", data=message_body(), headers={**AUTH, "Accept-Encoding": "gzip, br"})
+    assert resp.status == 200
+    assert fake_upstream.requests[-1].headers["accept-encoding"] == ["identity"]
+
+
+async def test_compressed_upstream_bytes_are_relayed_undecoded(
+    start_gateway, fake_upstream: FakeUpstream
+) -> None:
+    gateway = await start_gateway(channel("up", fake_upstream.url, forwardAcceptEncoding=True))
     payload = gzip.compress(b'{"id":"msg_1"}')
     fake_upstream.reply = Reply(
         headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}, chunks=[payload]
@@ -188,7 +197,7 @@ async def test_no_default_user_agent_or_encoding_is_invented(gateway, fake_upstr
     ).read()
     seen = fake_upstream.requests[-1]
     assert "user-agent" not in seen.headers
-    assert "accept-encoding" not in seen.headers
+    assert seen.headers["accept-encoding"] == ["identity"]  # the channel's, not invented by a library
 
 
 @pytest.mark.parametrize(

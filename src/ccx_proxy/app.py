@@ -11,7 +11,6 @@ from aiohttp import web
 
 from . import __version__, relay
 from .admin.api import setup_admin
-from .client import UpstreamClient
 from .config import GatewayConfig
 from .errors import (
     JSON_CONTENT_TYPE,
@@ -27,7 +26,7 @@ from .reload import ConfigWatcher
 from .settings import Settings
 from .state import GATEWAY, Gateway
 from .store import ChannelStore
-from .upstream import make_session
+from .upstream.client import UpstreamClient
 
 log = logging.getLogger("ccx_proxy")
 
@@ -129,15 +128,14 @@ def create_app(settings: Settings, config: GatewayConfig, clock: Clock | None = 
         app[WATCHER] = watcher
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        session, client = make_session(), UpstreamClient()
-        gateway.open_clients(session, client)
+        client = UpstreamClient()
+        gateway.open_client(client)
         if watcher is not None:
             watcher.start()
         yield
         if watcher is not None:
             await watcher.stop()
         client.close()
-        await session.close()
 
     app.cleanup_ctx.append(lifecycle)
     setup_admin(

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from .upstream import endpoints
+from .upstream.wire import endpoints
 
 PERCENTILES = (50, 90, 99)
 NAN = float("nan")
@@ -170,8 +170,8 @@ async def compare(
     stream: bool = True,
     warmup: int = 1,
 ) -> BenchResult:
-    direct = Side("direct", endpoints(direct_url).messages, key_headers(direct_key, bearer))
-    via = Side("via", endpoints(via_url).messages, key_headers(via_key, False))
+    direct = Side("direct", endpoints(direct_url).messages.url, key_headers(direct_key, bearer))
+    via = Side("via", endpoints(via_url).messages.url, key_headers(via_key, False))
     body = request_body(model, prompt, max_tokens, stream)
     paired_ttfb, paired_total = await run(direct, via, body, requests, warmup)
     return BenchResult(model, requests, stream, direct, via, paired_ttfb, paired_total)

@@ -34,22 +34,42 @@ _MODEL_KEY = b'"model"'
 
 
 class ModelField:
-    """The requested model and where its JSON string token sits in the body."""
+    """The requested model and where its JSON string token sits in the body; and whether
+    the request asks for a stream (which first-byte timeout applies)."""
 
-    __slots__ = ("name", "start", "end")
+    __slots__ = ("name", "start", "end", "stream")
 
-    def __init__(self, name: str, start: int, end: int) -> None:
+    def __init__(self, name: str, start: int, end: int, stream: bool = False) -> None:
         self.name = name
         self.start = start
         self.end = end
+        self.stream = stream
 
 
 def find_model(body: bytes) -> ModelField:
     match = _MODEL_FIRST.match(body)
     if match is not None:
         token = match.group(1)
-        return ModelField(_decode_string(token), match.start(1), match.end(1))
+        return ModelField(_decode_string(token), match.start(1), match.end(1), wants_stream(body))
     return _find_model_slow(body)
+
+
+_STREAM_KEY = b'"stream"'
+_STREAM_TRUE = re.compile(rb'"stream"[ \t\r\n]*:[ \t\r\n]*true')
+
+
+def wants_stream(body: bytes) -> bool:
+    """Whether the body sets ``"stream": true``, without parsing it.
+
+    The SDKs write ``stream`` at the top level after ``messages``, so the last
+    ``"stream"`` key that is not inside a string (a string's quotes are escaped)
+    decides.  A nested ``"stream"`` key after the top-level one can only make a
+    streaming request wait for headers as long as a non-streaming one; it changes
+    nothing else."""
+    at = body.rfind(_STREAM_KEY)
+    while at > 0 and body[at - 1] == 0x5C:  # \"stream\" inside a string
+        at = body.rfind(_STREAM_KEY, 0, at)
+    return at >= 0 and _STREAM_TRUE.match(body, at) is not None
 
 
 def replace_model(body: bytes, field: ModelField, new_name: str) -> bytes:
@@ -86,7 +106,7 @@ def _find_model_slow(body: bytes) -> ModelField:
         raise InvalidRequest("request body: 'model' must be a string")
     spans = [m.span(1) for m in _ANY_MODEL.finditer(body) if orjson.loads(m.group(1)) == model]
     start, end = spans[0] if len(spans) == 1 else _top_level_model_span(body)
-    return ModelField(model, start, end)
+    return ModelField(model, start, end, document.get("stream") is True)
 
 
 def _top_level_model_span(body: bytes) -> tuple[int, int]:

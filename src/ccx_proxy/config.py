@@ -30,7 +30,7 @@ from .policy import (
     Timeouts,
     parse_section,
 )
-from .upstream import Endpoints, endpoints
+from .upstream.wire import Endpoints, Proxy, WireError, endpoints, environment_proxy, parse_proxy
 
 ServiceType = Literal["claude"]
 AuthHeader = Literal["x-api-key", "bearer", "auto"]
@@ -54,9 +54,13 @@ CHANNEL_FIELDS = frozenset(
         "customHeaders",
         "baseUrls",
         "circuitBreaker",
+        "proxyUrl",
+        "insecureSkipVerify",
+        "forwardAcceptEncoding",
         *TIMEOUT_FIELDS,
     }
 )
+IDENTITY = ("Accept-Encoding", "identity")  # plain bytes from upstreams: see forwardAcceptEncoding
 TOP_LEVEL_FIELDS = frozenset(
     {"channels", "upstream", "circuitBreaker", "sessionAffinity", *TIMEOUT_FIELDS, *ROUTING_FIELDS}
 )
@@ -89,6 +93,11 @@ class Channel:
     base_urls: tuple[str, ...] = ()  # extra URLs, tried after base_url
     timeouts: Timeouts = field(default_factory=Timeouts)
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    proxy_url: str = field(default="", repr=False)  # as written (proxyUrl); may hold a password
+    # The egress proxy per base URL (base_url, then base_urls): proxyUrl, else the environment's.
+    proxies: tuple[Proxy | None, ...] = ()
+    insecure_skip_verify: bool = False
+    forward_accept_encoding: bool = False
     # Compiled once, from the fields above:
     models: ModelTable = field(init=False, repr=False, compare=False)
     allowlist: Allowlist = field(init=False, repr=False, compare=False)
@@ -98,19 +107,29 @@ class Channel:
     # Per key: the upstream request's channel header lines (key + customHeaders), as bytes.
     header_lines: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
     custom_names: frozenset[bytes] = field(init=False, repr=False, compare=False)
+    # What must never reach a client: keys and customHeaders values (masked in error bodies).
+    secrets: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         bases = dict.fromkeys((self.base_url, *self.base_urls))
-        all_urls = tuple(endpoints(b) for b in bases)
+        proxies = self.proxies
+        verify = not self.insecure_skip_verify
+        all_urls = tuple(
+            endpoints(b, proxies[i] if i < len(proxies) else None, verify) for i, b in enumerate(bases)
+        )
         credentials = tuple(credential_header(self.auth_header, k) for k in self.api_keys)
+        own = self.custom_headers
+        if not self.forward_accept_encoding and all(n.lower() != "accept-encoding" for n, _ in own):
+            own = (*own, IDENTITY)
         compiled = {
-            "header_lines": tuple(channel_lines(c, self.custom_headers) for c in credentials),
-            "custom_names": frozenset(name.lower().encode() for name, _ in self.custom_headers),
+            "header_lines": tuple(channel_lines(c, own) for c in credentials),
+            "custom_names": frozenset(name.lower().encode() for name, _ in own),
             "models": ModelTable(self.model_mapping),
             "allowlist": Allowlist(self.supported_models),
             "urls": all_urls[0],
             "all_urls": all_urls,
             "credentials": credentials,
+            "secrets": (*self.api_keys, *(v for _, v in self.custom_headers if len(v) >= 6)),
         }
         for name, value in compiled.items():
             object.__setattr__(self, name, value)
@@ -127,10 +146,13 @@ class Channel:
         keys = ", ".join(_mask_ref(ref) for ref in self.key_refs)
         mapping = ", ".join(f"{k}->{v}" for k, v in self.model_mapping.items()) or "none"
         allow = ", ".join(self.supported_models) or "all"
+        proxies = {p.display for p in self.proxies if p is not None}
+        egress = f" proxy={','.join(sorted(proxies))}" if proxies else ""
+        insecure = " TLS-UNVERIFIED" if self.insecure_skip_verify else ""
         return (
             f"{self.name} [{self.status}] priority={self.priority} {self.service_type} "
             f"{self.base_url} auth={self.auth_header} keys=[{keys}] "
-            f"mapping={{{mapping}}} allow=[{allow}]"
+            f"mapping={{{mapping}}} allow=[{allow}]{egress}{insecure}"
         )
 
 
@@ -240,7 +262,12 @@ def parse_config(data: Any, env: Mapping[str, str], source: str | None = None) -
 def _timeouts(raw: dict[str, Any], where: str, problems: list[str], base: Timeouts | None = None) -> Timeouts:
     before = len(problems)
     result: Timeouts = parse_section(Timeouts, raw, where, problems, base)
-    for name in ("connectTimeoutMs", "responseHeaderTimeoutMs", "streamInactivityTimeoutMs"):
+    for name in (
+        "connectTimeoutMs",
+        "responseHeaderTimeoutMs",
+        "nonStreamTimeoutMs",
+        "streamInactivityTimeoutMs",
+    ):
         if name in raw and raw[name] == 0 and len(problems) == before:
             path = f"{where}.{name}" if where else name
             problems.append(f"{path}: must be at least 1 (there is no 'no timeout')")
@@ -298,6 +325,13 @@ class _Fields:
             problem = check(value)
             if problem:
                 self.problem(f"{name}[{i}]", problem)
+
+    def flag(self, name: str) -> bool:
+        value = self.item.get(name, False)
+        if not isinstance(value, bool):
+            self.problem(name, f"must be true or false (got {value!r})")
+            return False
+        return value
 
     def string_list(self, name: str) -> list[str] | None:
         value = self.item.get(name, [])
@@ -415,6 +449,15 @@ def _parse_channel(
                 else:
                     custom_headers.append((hname, value))
 
+    proxy_url, proxies = _egress(f, item, env, active, base_url, base_urls)
+    insecure = f.flag("insecureSkipVerify")
+    if insecure:
+        warnings.append(
+            f"{where}.insecureSkipVerify: TLS certificates of channel {name!r} are NOT verified; "
+            "anyone on the path can read its keys and traffic"
+        )
+    forward_encoding = f.flag("forwardAcceptEncoding")
+
     timeouts = _timeouts(
         {k: v for k, v in item.items() if k in TIMEOUT_FIELDS}, where, problems, default_timeouts
     )
@@ -442,7 +485,54 @@ def _parse_channel(
         base_urls=tuple(u.strip() for u in base_urls),
         timeouts=timeouts,
         breaker=breaker,
+        proxy_url=proxy_url,
+        proxies=proxies,
+        insecure_skip_verify=insecure,
+        forward_accept_encoding=forward_encoding,
     )
+
+
+def _egress(
+    f: _Fields,
+    item: dict[str, Any],
+    env: Mapping[str, str],
+    active: bool,
+    base_url: str | None,
+    base_urls: list[str] | None,
+) -> tuple[str, tuple[Proxy | None, ...]]:
+    """The channel's proxyUrl as written, and the proxy each base URL goes through."""
+    raw = item.get("proxyUrl", "")
+    if raw is None:
+        raw = ""
+    if not isinstance(raw, str):
+        f.problem("proxyUrl", "must be a string: http://[user:password@]host:port")
+        return "", ()
+    # The same list, in the same order, as Channel builds its endpoints from.
+    bases = list(dict.fromkeys(u.strip() for u in (base_url or "", *(base_urls or ())) if u))
+    if raw.strip():
+        value, missing = _expand(raw.strip(), env)
+        if missing:
+            if active:
+                f.problem("proxyUrl", f"environment variable {', '.join(missing)} is not set")
+            return raw, ()
+        try:
+            proxy = parse_proxy(value)
+        except WireError as exc:
+            f.problem("proxyUrl", str(exc))
+            return raw, ()
+        return raw, tuple(proxy for _ in bases)
+    found: list[Proxy | None] = []
+    for base in bases:
+        from_env = environment_proxy(base, env) if not _base_url_problem(base) else None
+        if from_env is None:
+            found.append(None)
+            continue
+        try:
+            found.append(parse_proxy(from_env))
+        except WireError as exc:
+            f.problem("proxyUrl", f"the environment's proxy for {base} is unusable: {exc}")
+            found.append(None)
+    return "", tuple(found)
 
 
 def _base_url_problem(base_url: str) -> str | None:
@@ -456,4 +546,10 @@ def _base_url_problem(base_url: str) -> str | None:
         return "must not contain credentials; put keys in apiKeys"
     if url.query_string or url.fragment:
         return "must not contain a query string or fragment (a single trailing '#' is allowed)"
+    if any(c.isspace() or not c.isprintable() for c in base_url):
+        return "must not contain spaces or control characters"
+    try:
+        endpoints(base_url)
+    except (WireError, ValueError, UnicodeError) as exc:
+        return f"not usable as an upstream URL: {exc}"
     return None

@@ -20,12 +20,17 @@ The tree (status / Anthropic ``error.type``)::
     ├── NoChannelAvailable            503 overloaded_error
     └── UpstreamTimeout               504 timeout_error
 
+Errors a retry cannot fix (400, 401, 403, 404, 405, 409, 413) carry
+``x-should-retry: false``, so Claude Code and the SDKs stop at once instead of
+retrying for minutes; 429 and 503 carry ``Retry-After``.
+
 Once response headers have gone out the status can no longer change; a failure
 then ends the stream with :func:`sse_error_event` instead.
 """
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import orjson
@@ -37,10 +42,12 @@ JSON_CONTENT_TYPE = "application/json"
 class GatewayError(Exception):
     status: ClassVar[int] = 500
     error_type: ClassVar[str] = "api_error"
+    retryable: ClassVar[bool] = True  # False: rendered with x-should-retry: false
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.retry_after = retry_after  # seconds, for Retry-After
 
     def body(self) -> bytes:
         return error_body(self.error_type, self.message)
@@ -49,6 +56,7 @@ class GatewayError(Exception):
 class InvalidRequest(GatewayError):
     status = 400
     error_type = "invalid_request_error"
+    retryable = False
 
 
 class MethodNotAllowed(InvalidRequest):
@@ -58,16 +66,19 @@ class MethodNotAllowed(InvalidRequest):
 class AuthenticationFailed(GatewayError):
     status = 401
     error_type = "authentication_error"
+    retryable = False
 
 
 class PermissionDenied(GatewayError):
     status = 403
     error_type = "permission_error"
+    retryable = False
 
 
 class NotFound(GatewayError):
     status = 404
     error_type = "not_found_error"
+    retryable = False
 
 
 class ModelNotFound(NotFound):
@@ -82,11 +93,13 @@ class ModelNotFound(NotFound):
 class Conflict(GatewayError):
     status = 409
     error_type = "conflict_error"
+    retryable = False
 
 
 class RequestTooLarge(GatewayError):
     status = 413
     error_type = "request_too_large"
+    retryable = False
 
 
 class RateLimited(GatewayError):
@@ -113,8 +126,17 @@ def error_body(error_type: str, message: str) -> bytes:
     return orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}})
 
 
+RETRY_AFTER_DEFAULT = 5  # seconds, for a 429/503 of the gateway's own without a better figure
+
+
 def render(error: GatewayError) -> web.Response:
-    return web.Response(status=error.status, body=error.body(), content_type=JSON_CONTENT_TYPE)
+    response = web.Response(status=error.status, body=error.body(), content_type=JSON_CONTENT_TYPE)
+    if not error.retryable:
+        response.headers["x-should-retry"] = "false"
+    elif error.retry_after is not None or error.status in (429, 503, 529):
+        seconds = RETRY_AFTER_DEFAULT if error.retry_after is None else error.retry_after
+        response.headers["Retry-After"] = str(max(1, math.ceil(seconds)))
+    return response
 
 
 def sse_error_event(error_type: str, message: str) -> bytes:

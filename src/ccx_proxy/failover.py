@@ -1,39 +1,44 @@
 """Getting response headers from some upstream: the failover loop.
 
 Candidates are tried in order, and within a channel each base URL with each
-usable key.  Failover happens only here, before anything reaches the client:
+usable key.  Failover happens only here, before anything reaches the client
+(what each failure does is :class:`~.upstream.attempt.Attempt`'s):
 
-* connection errors, connect / first-byte timeouts, 500/502/503/504: next URL
-  (keys would not help), the channel's breaker records a failure;
+* connection errors, timeouts, invalid responses, 500/502/503/504: next URL (keys
+  would not help), the channel's breaker records a failure;
 * 529: the channel backs off briefly, next channel;
-* 429: the key cools down (``Retry-After`` / ``anthropic-ratelimit-*-reset``,
-  capped), next key; the gateway never sleeps on it;
+* 429: the (key, model) pair cools down (``Retry-After`` /
+  ``anthropic-ratelimit-*-reset``, capped), next key; the gateway never sleeps on it;
 * 401/402/403: the key is out of rotation until the config is reloaded;
 * any other status: the client gets it as it is.
 
-Attempts are bounded by ``maxAttempts`` and share ``failoverDeadlineMs``.
+Never less available than going direct: when soft state (a cool-down, a back-off,
+an open breaker) holds back every candidate, the request goes anyway to the one
+that frees up soonest ("panic routing"), and the client gets what the upstream
+says.  The gateway answers with its own error only when nothing at all could be
+tried.  Attempts are bounded by ``maxAttempts`` and share ``failoverDeadlineMs``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from yarl import URL
+from multidict import CIMultiDict
 
 from .body import ModelField, replace_model
-from .client import UpstreamClient
-from .config import Channel
-from .errors import GatewayError, NoChannelAvailable, UpstreamTimeout
-from .exchange import UpstreamResponse
-from .h1 import UpstreamClientError
-from .headers import mask_secret, upstream_header_block
+from .errors import GatewayError, NoChannelAvailable
+from .headers import client_response_headers, mask_secret, upstream_header_block
 from .health import ChannelHealth, HealthRegistry, KeyHealth, retry_after_seconds
 from .policy import RoutingPolicy
 from .routing import Candidate
-from .upstream import gateway_error
+from .upstream.attempt import Attempt, Next
+from .upstream.bodies import ERROR_BODY_LIMIT, client_error_body
+from .upstream.client import UpstreamClient
+from .upstream.errors import UpstreamFailure, to_gateway_error
+from .upstream.response import Response
+from .upstream.wire import Endpoints
 
 log = logging.getLogger("ccx_proxy.failover")
 
@@ -41,26 +46,25 @@ FAILOVER_SERVER = frozenset({500, 502, 503, 504})
 KEY_REJECTED = frozenset({401, 402, 403})
 RATE_LIMITED = 429
 OVERLOADED = 529
-_ERROR_BODY_LIMIT = 1 << 20
+FAILOVER_STATUSES = FAILOVER_SERVER | KEY_REJECTED | {RATE_LIMITED, OVERLOADED}
 
 
 @dataclass(slots=True)
 class Connected:
     """An upstream answered with a status the client gets."""
 
-    response: UpstreamResponse
-    channel: Channel
-    health: ChannelHealth
-    key: KeyHealth
+    response: Response
+    attempt: Attempt
+    started: float  # loop time the request started: for the time to first byte
 
 
 @dataclass(slots=True)
-class UpstreamError:
-    """The last failover-worthy answer, kept whole in case nothing better comes."""
+class ErrorAnswer:
+    """The last failover-worthy answer, kept (made safe to relay) in case nothing better comes."""
 
     status: int
-    reason: str | None
-    headers: Mapping[str, str]
+    reason: str
+    headers: CIMultiDict[str]  # as the client gets them
     body: bytes
     channel: str
 
@@ -68,8 +72,71 @@ class UpstreamError:
 @dataclass(slots=True)
 class Outcome:
     tried: list[str] = field(default_factory=list)
-    last: UpstreamError | None = None
+    last: ErrorAnswer | None = None
     transport_errors: list[GatewayError] = field(default_factory=list)
+    attempts: int = 0
+    retry_after: float | None = None  # when something held back frees up
+
+
+@dataclass(slots=True)
+class _Held:
+    """A target that soft state held back, and when it frees up."""
+
+    at: float
+    candidate: Candidate
+    urls: Endpoints
+    index: int
+
+
+class _Request:
+    """What every attempt of one request shares."""
+
+    __slots__ = (
+        "client",
+        "registry",
+        "policy",
+        "body",
+        "model",
+        "client_headers",
+        "query",
+        "count_tokens",
+        "loop",
+        "started",
+        "deadline",
+        "budget",
+        "outcome",
+    )
+
+    def __init__(
+        self,
+        client: UpstreamClient,
+        registry: HealthRegistry,
+        policy: RoutingPolicy,
+        body: bytes,
+        model: ModelField,
+        client_headers: list[tuple[bytes, bytes]],
+        query: bytes,
+        count_tokens: bool,
+    ) -> None:
+        self.client = client
+        self.registry = registry
+        self.policy = policy
+        self.body = body
+        self.model = model
+        self.client_headers = client_headers
+        self.query = query
+        self.count_tokens = count_tokens
+        self.loop = asyncio.get_running_loop()
+        self.started = self.loop.time()
+        self.deadline = self.started + policy.failoverDeadlineMs / 1000
+        self.budget = policy.maxAttempts or 1 << 30
+        self.outcome = Outcome()
+
+    def spent(self) -> bool:
+        if self.budget <= 0 or self.loop.time() >= self.deadline:
+            self.outcome.tried.append("attempt limit or failover deadline reached")
+            return True
+        return False
 
 
 async def connect(
@@ -80,173 +147,173 @@ async def connect(
     body: bytes,
     model: ModelField,
     client_headers: list[tuple[bytes, bytes]],
-    path_suffix: str,
+    query: bytes,
     count_tokens: bool,
 ) -> Connected | Outcome:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + policy.failoverDeadlineMs / 1000
-    budget = policy.maxAttempts or 1 << 30
-    outcome = Outcome()
+    req = _Request(client, registry, policy, body, model, client_headers, query, count_tokens)
+    outcome = req.outcome
+    held: list[_Held] = []
     for candidate in candidates:
         channel = candidate.channel
         health = registry.channel(channel.name, channel.breaker)
         now = registry.clock()
         if not health.available(now):
             outcome.tried.append(f"{channel.name}: {_unavailable(health, now)}")
+            _hold_channel(held, candidate, health, now)
             continue
-        payload = body if candidate.model == model.name else replace_model(body, model, candidate.model)
         next_channel = False
         for urls in channel.all_urls:
-            url = URL((urls.count_tokens if count_tokens else urls.messages) + path_suffix, encoded=True)
-            for api_key, own_lines in zip(channel.api_keys, channel.header_lines, strict=True):
+            for index, api_key in enumerate(channel.api_keys):
                 key = health.key(api_key, channel.breaker)
                 now = registry.clock()
-                if not key.available(now):
+                if key.disabled or not key.available(now, candidate.model):
                     outcome.tried.append(
-                        f"{channel.name} key {mask_secret(api_key)}: {_key_unavailable(key, now)}"
+                        f"{channel.name} key {mask_secret(api_key)}: {_key_state(key, now, candidate.model)}"
                     )
+                    if not key.disabled:
+                        held.append(_Held(key.usable_at(now, candidate.model), candidate, urls, index))
                     continue
-                if budget <= 0 or loop.time() >= deadline:
-                    outcome.tried.append("attempt limit or failover deadline reached")
+                if req.spent():
                     return outcome
-                headers = upstream_header_block(client_headers, own_lines, channel.custom_names)
-                if not health.breaker.acquire(now):
+                attempt = Attempt(registry, channel, health, key, api_key, candidate.model)
+                if not attempt.acquire(now):
                     outcome.tried.append(f"{channel.name}: {_unavailable(health, now)}")
+                    held.append(_Held(health.usable_at(now), candidate, urls, index))
                     next_channel = True
                     break
-                key.breaker.acquire(now)
-                budget -= 1
-                health.requests += 1
-                verdict = await _attempt(
-                    client,
-                    loop,
-                    deadline,
-                    channel,
-                    health,
-                    key,
-                    url,
-                    payload,
-                    headers,
-                    api_key,
-                    policy,
-                    registry,
-                    outcome,
-                )
-                if isinstance(verdict, Connected):
-                    return verdict
-                if verdict == "next-channel":
+                result = await _attempt(req, candidate, urls, index, attempt)
+                if isinstance(result, Connected):
+                    return result
+                if result is Next.CHANNEL:
                     next_channel = True
                     break
-                if verdict == "next-url":
+                if result is Next.URL:
                     break
             if next_channel:
                 break
+    if held:
+        now = registry.clock()
+        soonest = min(held, key=lambda h: h.at)
+        if outcome.attempts == 0 and not req.spent():
+            # Everything was held back by soft state: going direct would still have been
+            # served (or told to wait by the upstream itself), so send it anyway.
+            channel = soonest.candidate.channel
+            health = registry.channel(channel.name, channel.breaker)
+            api_key = channel.api_keys[soonest.index]
+            attempt = Attempt(
+                registry,
+                channel,
+                health,
+                health.key(api_key, channel.breaker),
+                api_key,
+                soonest.candidate.model,
+            )
+            attempt.acquire(now, panic=True)
+            log.info("every candidate for %r is held back; trying %r anyway", model.name, channel.name)
+            outcome.tried.append(f"all held back: tried {channel.name} anyway")
+            result = await _attempt(req, soonest.candidate, soonest.urls, soonest.index, attempt)
+            if isinstance(result, Connected):
+                return result
+        outcome.retry_after = max(0.0, soonest.at - registry.clock())
     return outcome
 
 
+def _hold_channel(held: list[_Held], candidate: Candidate, health: ChannelHealth, now: float) -> None:
+    """Remember a soft-excluded channel with its soonest usable key, on its first URL."""
+    channel = candidate.channel
+    best: tuple[float, int] | None = None
+    for index, api_key in enumerate(channel.api_keys):
+        key = health.key(api_key, channel.breaker)
+        if key.disabled:
+            continue
+        at = max(health.usable_at(now), key.usable_at(now, candidate.model))
+        if best is None or at < best[0]:
+            best = (at, index)
+    if best is not None:
+        held.append(_Held(best[0], candidate, channel.all_urls[0], best[1]))
+
+
 async def _attempt(
-    client: UpstreamClient,
-    loop: asyncio.AbstractEventLoop,
-    deadline: float,
-    channel: Channel,
-    health: ChannelHealth,
-    key: KeyHealth,
-    url: URL,
-    payload: bytes,
-    headers: bytes,
-    api_key: str,
-    policy: RoutingPolicy,
-    registry: HealthRegistry,
-    outcome: Outcome,
-) -> Connected | str:
-    """One request; returns Connected, or where to go next: next-key/url/channel."""
+    req: _Request, candidate: Candidate, urls: Endpoints, index: int, attempt: Attempt
+) -> Connected | Next:
+    """One request to one (channel, URL, key): Connected, or where failover goes next."""
+    channel = candidate.channel
+    model = req.model
+    payload = req.body if candidate.model == model.name else replace_model(req.body, model, candidate.model)
+    endpoint = urls.count_tokens if req.count_tokens else urls.messages
+    timeouts = channel.timeouts
+    req.budget -= 1
+    req.outcome.attempts += 1
     try:
-        try:
-            timeouts = channel.timeouts
-            response = await client.request(
-                url,
-                payload,
-                headers,
-                connect_timeout=timeouts.connectTimeoutMs / 1000,
-                read_timeout=timeouts.responseHeaderTimeoutMs / 1000,
-                deadline=deadline,  # enforced by the client's own timer: no asyncio.timeout per request
-            )
-        except TimeoutError as exc:
-            if loop.time() >= deadline:
-                raise UpstreamTimeout(
-                    f"upstream channel {channel.name!r}: failover deadline reached"
-                ) from exc
-            raise
+        response = await req.client.request(
+            endpoint,
+            payload,
+            upstream_header_block(req.client_headers, channel.header_lines[index], channel.custom_names),
+            query=req.query,
+            connect_timeout=timeouts.connect,
+            read_timeout=timeouts.first_byte(model.stream and not req.count_tokens),
+            deadline=req.deadline,  # enforced by the response's own timer
+        )
     except asyncio.CancelledError:
-        health.breaker.release()
-        key.breaker.release()
+        attempt.release()
         raise
     except Exception as exc:
-        error = gateway_error(exc, channel.name)
+        error = to_gateway_error(exc, channel.name)
         if error is None:
-            health.breaker.release()
-            key.breaker.release()
+            attempt.release()
             raise
-        now = registry.clock()
-        health.breaker.failure(now)
-        key.breaker.failure(now)
-        health.last_error = error.message
-        outcome.transport_errors.append(error)
-        outcome.tried.append(f"{channel.name} ({url.host}): {error.message}")
+        attempt.failed(error.message)
+        req.outcome.transport_errors.append(error)
+        req.outcome.tried.append(f"{channel.name} ({endpoint.origin.host}): {error.message}")
         log.warning(
-            "channel %r (%s, key %s): %s", channel.name, url.host, mask_secret(api_key), error.message
+            "channel %r (%s, key %s): %s",
+            channel.name,
+            endpoint.origin.host,
+            mask_secret(attempt.api_key),
+            error.message,
         )
-        return "next-url"
+        return Next.URL
 
     status = response.status
-    if status < 400 or not (
-        status in FAILOVER_SERVER or status in KEY_REJECTED or status in (RATE_LIMITED, OVERLOADED)
-    ):
-        return Connected(response, channel, health, key)
-
+    if status not in FAILOVER_STATUSES:
+        return Connected(response, attempt, req.started)
     try:
-        async with asyncio.timeout_at(deadline):
-            error_body = await response.read(_ERROR_BODY_LIMIT)
-    except (UpstreamClientError, TimeoutError, OSError):
-        error_body = b""
+        async with asyncio.timeout_at(req.deadline):
+            raw = await response.read(ERROR_BODY_LIMIT)
+    except (UpstreamFailure, TimeoutError, OSError):
+        raw = b""
     except asyncio.CancelledError:  # the client left while the error body was coming
-        health.breaker.release()
-        key.breaker.release()
+        attempt.release()
         raise
     finally:
         response.close()
-    # A provider may echo the key it rejected: the client never sees it unmasked.
-    for secret in channel.api_keys:
-        error_body = error_body.replace(secret.encode(), mask_secret(secret).encode())
-    outcome.last = UpstreamError(status, response.reason, response.headers, error_body, channel.name)
-    now = registry.clock()
-    masked = mask_secret(api_key)  # only on the failure path: it costs a little on every request
-    summary = f"{channel.name} key {masked}: upstream {status}"
-    outcome.tried.append(summary)
-    health.last_error = f"upstream {status}"
+    headers = client_response_headers(response.headers)
+    body = client_error_body(status, headers, raw, channel.secrets)
+    req.outcome.last = ErrorAnswer(status, response.reason, headers, body, channel.name)
+    masked = mask_secret(attempt.api_key)  # only on the failure path: it costs a little on every request
+    req.outcome.tried.append(f"{channel.name} key {masked}: upstream {status}")
     log.warning(
-        "channel %r (%s, key %s): upstream answered %d, failing over", channel.name, url.host, masked, status
+        "channel %r (%s, key %s): upstream answered %d, failing over",
+        channel.name,
+        endpoint.origin.host,
+        masked,
+        status,
     )
+    policy = req.policy
     if status == RATE_LIMITED:
         wait = retry_after_seconds(response.headers)
         wait = policy.rateLimitCooldownMs / 1000 if wait is None else wait
-        key.cooldown_until = now + min(wait, policy.rateLimitCooldownCapMs / 1000)
-        key.last_error = f"rate limited (429), cooling down {wait:.0f}s"
-        health.breaker.release()
-        key.breaker.release()
-        return "next-key"
+        wait = min(wait, policy.rateLimitCooldownCapMs / 1000)
+        attempt.rate_limited(wait, f"rate limited (429) on {candidate.model}, cooling down {wait:.0f}s")
+        return Next.KEY
     if status in KEY_REJECTED:
-        key.disabled = True
-        key.last_error = f"rejected ({status}): disabled until config reload"
-        health.breaker.release()
-        key.breaker.release()
-        return "next-key"
-    health.breaker.failure(now)
-    key.breaker.failure(now)
+        attempt.rejected(f"rejected ({status}): disabled until config reload")
+        return Next.KEY
     if status == OVERLOADED:
-        health.backoff_until = now + policy.overloadBackoffMs / 1000
-        return "next-channel"
-    return "next-url"
+        attempt.overloaded(policy.overloadBackoffMs / 1000, "upstream 529 (overloaded)")
+        return Next.CHANNEL
+    attempt.failed(f"upstream {status}")
+    return Next.URL
 
 
 def exhausted(outcome: Outcome, model: str) -> GatewayError:
@@ -255,7 +322,9 @@ def exhausted(outcome: Outcome, model: str) -> GatewayError:
     if len(outcome.transport_errors) == 1 and len(outcome.tried) == 1:
         return outcome.transport_errors[0]
     tried = "; ".join(outcome.tried) or "no candidate"
-    return NoChannelAvailable(f"no upstream could serve model {model!r}: {tried}")
+    return NoChannelAvailable(
+        f"no upstream could serve model {model!r}: {tried}", retry_after=outcome.retry_after
+    )
 
 
 def _unavailable(health: ChannelHealth, now: float) -> str:
@@ -267,9 +336,10 @@ def _unavailable(health: ChannelHealth, now: float) -> str:
     return f"circuit {breaker.state.value}, retry in {max(0.0, breaker.open_until - now):.1f}s"
 
 
-def _key_unavailable(key: KeyHealth, now: float) -> str:
+def _key_state(key: KeyHealth, now: float, model: str) -> str:
     if key.disabled:
         return key.last_error or "disabled"
-    if now < key.cooldown_until:
-        return f"cooling down {key.cooldown_until - now:.1f}s"
+    cooling = key.cooling(model, now)
+    if cooling:
+        return f"{model} cooling down {cooling:.1f}s"
     return f"circuit {key.breaker.state.value}"

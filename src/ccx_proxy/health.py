@@ -67,6 +67,19 @@ class Breaker:
             self._probing = True
         return True
 
+    def force(self, now: float) -> None:
+        """Let a request through past an open breaker (panic routing): it becomes the probe."""
+        if self.policy.enabled and self.state is BreakerState.OPEN:
+            self.state = BreakerState.HALF_OPEN
+        if self.state is BreakerState.HALF_OPEN:
+            self._probing = True
+
+    def reopens_at(self, now: float) -> float:
+        """When a request could next pass (``now`` if it can now)."""
+        if self.available(now):
+            return now
+        return max(now, self.open_until) if self.state is BreakerState.OPEN else now
+
     def release(self) -> None:
         """The pass ended without telling anything about the upstream (e.g. the client left)."""
         self._probing = False
@@ -116,17 +129,41 @@ class Breaker:
         return self._failures / len(self._outcomes) if self._outcomes else 0.0
 
 
+MAX_COOLDOWNS = 256  # (key, model) cool-downs kept per key; the oldest go first
+
+
 class KeyHealth:
-    __slots__ = ("breaker", "cooldown_until", "disabled", "last_error")
+    __slots__ = ("breaker", "cooldowns", "disabled", "last_error")
 
     def __init__(self, policy: BreakerPolicy) -> None:
         self.breaker = Breaker(policy)
-        self.cooldown_until = 0.0
+        self.cooldowns: dict[str, float] = {}  # upstream model -> end of its 429 cool-down
         self.disabled = False
         self.last_error = ""
 
-    def available(self, now: float) -> bool:
-        return not self.disabled and now >= self.cooldown_until and self.breaker.available(now)
+    def cool_down(self, model: str, until: float) -> None:
+        cooldowns = self.cooldowns
+        cooldowns.pop(model, None)
+        if len(cooldowns) >= MAX_COOLDOWNS:
+            del cooldowns[next(iter(cooldowns))]
+        cooldowns[model] = until
+
+    def cooling(self, model: str, now: float) -> float:
+        """Seconds left of ``model``'s cool-down on this key (0: none)."""
+        until = self.cooldowns.get(model)
+        if until is None:
+            return 0.0
+        if until <= now:
+            del self.cooldowns[model]
+            return 0.0
+        return until - now
+
+    def available(self, now: float, model: str) -> bool:
+        return not self.disabled and self.breaker.available(now) and not self.cooling(model, now)
+
+    def usable_at(self, now: float, model: str) -> float:
+        """When this key could next serve ``model`` (soft exclusions only)."""
+        return max(self.breaker.reopens_at(now), now + self.cooling(model, now))
 
 
 class ChannelHealth:
@@ -143,6 +180,10 @@ class ChannelHealth:
 
     def available(self, now: float) -> bool:
         return now >= self.backoff_until and self.breaker.available(now)
+
+    def usable_at(self, now: float) -> float:
+        """When the channel could next take a request (soft exclusions only)."""
+        return max(now, self.backoff_until, self.breaker.reopens_at(now))
 
     def key(self, key: str, policy: BreakerPolicy) -> KeyHealth:
         health = self.keys.get(key)
@@ -182,7 +223,7 @@ class HealthRegistry:
 
 def _rebreak(key: KeyHealth, policy: BreakerPolicy) -> KeyHealth:
     fresh = KeyHealth(policy)
-    fresh.cooldown_until = key.cooldown_until
+    fresh.cooldowns = key.cooldowns
     fresh.disabled = key.disabled
     return fresh
 

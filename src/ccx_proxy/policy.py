@@ -4,10 +4,8 @@ session affinity.  Frozen dataclasses, parsed once at load from the top level of
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
-
-import aiohttp
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,25 +13,21 @@ class Timeouts:
     """Milliseconds, as in the file; 0 turns ``keepaliveMs`` off."""
 
     connectTimeoutMs: int = 10_000
+    # Until response headers: for streaming requests (headers come at once when the
+    # upstream is alive), and for non-streaming ones, whose headers come only with the
+    # whole answer (600 s is the anthropic SDKs' own default).
     responseHeaderTimeoutMs: int = 60_000
+    nonStreamTimeoutMs: int = 600_000
     streamInactivityTimeoutMs: int = 120_000
     keepaliveMs: int = 15_000
-    client_timeout: aiohttp.ClientTimeout = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        # No total: a long stream is healthy while bytes keep coming.  sock_read
-        # bounds the wait for response headers; the relay switches it to the
-        # inactivity timeout once they arrive.
-        object.__setattr__(
-            self,
-            "client_timeout",
-            aiohttp.ClientTimeout(
-                total=None,
-                connect=None,
-                sock_connect=self.connectTimeoutMs / 1000,
-                sock_read=self.responseHeaderTimeoutMs / 1000,
-            ),
-        )
+    def first_byte(self, stream: bool) -> float:
+        """Seconds to wait for response headers."""
+        return (self.responseHeaderTimeoutMs if stream else self.nonStreamTimeoutMs) / 1000
+
+    @property
+    def connect(self) -> float:
+        return self.connectTimeoutMs / 1000
 
     @property
     def inactivity(self) -> float:

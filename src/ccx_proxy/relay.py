@@ -14,13 +14,15 @@ from aiohttp import web
 
 from .affinity import session_of
 from .body import find_model
-from .errors import RequestTooLarge
+from .errors import InvalidRequest, RequestTooLarge
 from .failover import Connected, connect, exhausted
 from .headers import client_response_headers, forwarded_raw
 from .routing import prefer
 from .state import GATEWAY, Gateway
 from .stream import relay_sse
-from .upstream import upstream_errors
+from .upstream.bodies import ERROR_BODY_LIMIT, client_error_body
+from .upstream.errors import upstream_errors
+from .upstream.wire import WireError, check_query
 
 CHANNEL_HEADER = "x-ccx-channel"
 _SSE = "text/event-stream"
@@ -79,8 +81,10 @@ async def _forward(request: web.Request, *, count_tokens: bool) -> web.StreamRes
 
     raw_path = request.raw_path
     query_at = raw_path.find("?")
-    suffix = raw_path[query_at:] if query_at >= 0 else ""
-    started = loop.time()
+    try:
+        query = check_query(raw_path[query_at:].encode()) if query_at >= 0 else b""
+    except WireError as exc:
+        raise InvalidRequest(f"{exc}; percent-encode it") from None
     result = await connect(
         gateway.client,
         gateway.health,
@@ -89,7 +93,7 @@ async def _forward(request: web.Request, *, count_tokens: bool) -> web.StreamRes
         body,
         field,
         forwarded_raw(request.raw_headers, request.headers.get("connection")),
-        suffix,
+        query,
         count_tokens,
     )
     del body  # no retry after this point: do not keep the request body alive while streaming
@@ -97,35 +101,32 @@ async def _forward(request: web.Request, *, count_tokens: bool) -> web.StreamRes
         last = result.last
         if last is None:
             raise exhausted(result, field.name)
-        headers = client_response_headers(last.headers)
-        headers[CHANNEL_HEADER] = last.channel
-        return web.Response(status=last.status, reason=last.reason, headers=headers, body=last.body)
+        last.headers[CHANNEL_HEADER] = last.channel
+        return web.Response(status=last.status, reason=last.reason, headers=last.headers, body=last.body)
 
-    upstream, channel, health = result.response, result.channel, result.health
-    # Headers arrived with a status the client gets: the upstream is alive.
-    health.breaker.success()
-    result.key.breaker.success()
-    health.successes += 1
-    health.ttfb.append(loop.time() - started)
+    upstream, attempt = result.response, result.attempt
+    channel = attempt.channel
+    attempt.succeeded(loop.time() - result.started)
     if session is not None:
         gateway.affinity.remember(session, channel.name, gateway.health.clock())
     headers = client_response_headers(upstream.headers)
     headers[CHANNEL_HEADER] = channel.name
 
-    def failed() -> None:
-        health.breaker.failure(gateway.health.clock())
-
     finished = False
     try:
         if upstream.content_type == _SSE:
-            response = await relay_sse(request, upstream, headers, channel.name, channel.timeouts, failed)
+            response = await relay_sse(request, upstream, headers, channel.name, channel.timeouts, attempt)
         else:
             upstream.set_read_timeout(channel.timeouts.inactivity)
             try:
                 with upstream_errors(channel.name):
-                    payload = await upstream.read()
+                    if upstream.status >= 400:
+                        raw = await upstream.read(ERROR_BODY_LIMIT)
+                        payload = client_error_body(upstream.status, headers, raw, channel.secrets)
+                    else:
+                        payload = await upstream.read()
             except Exception:
-                failed()
+                attempt.broke_off()
                 raise
             response = web.Response(
                 status=upstream.status, reason=upstream.reason, headers=headers, body=payload

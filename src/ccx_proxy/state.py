@@ -1,4 +1,4 @@
-"""What a running gateway holds: settings, access keys, the client session, live
+"""What a running gateway holds: settings, access keys, the upstream client, live
 health and affinity, and the current configuration snapshot (swapped whole on
 reload)."""
 
@@ -6,17 +6,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
 from .affinity import SessionAffinity
 from .auth import AccessKeys
 from .catalog import ModelCatalog
-from .client import UpstreamClient
 from .config import GatewayConfig
 from .health import Clock, HealthRegistry
 from .routing import Router
 from .settings import Settings
+from .upstream.client import UpstreamClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +32,7 @@ class Runtime:
 
 
 class Gateway:
-    __slots__ = ("settings", "access_keys", "runtime", "health", "affinity", "_session", "_client")
+    __slots__ = ("settings", "access_keys", "runtime", "health", "affinity", "_client")
 
     def __init__(self, settings: Settings, config: GatewayConfig, clock: Clock | None = None) -> None:
         self.settings = settings
@@ -41,7 +40,6 @@ class Gateway:
         self.health = HealthRegistry(clock) if clock is not None else HealthRegistry()
         self.runtime = Runtime.build(config)
         self.affinity = SessionAffinity(config.affinity)
-        self._session: aiohttp.ClientSession | None = None
         self._client: UpstreamClient | None = None
 
     def apply(self, config: GatewayConfig) -> None:
@@ -52,18 +50,12 @@ class Gateway:
             self.affinity = SessionAffinity(config.affinity)
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "the client session is opened at app startup"
-        return self._session
-
-    @property
     def client(self) -> UpstreamClient:
-        """The relay's own HTTP/1.1 client (:mod:`ccx_proxy.client`)."""
+        """The one upstream client (:mod:`ccx_proxy.upstream.client`): relay and admin probe."""
         assert self._client is not None, "the upstream client is opened at app startup"
         return self._client
 
-    def open_clients(self, session: aiohttp.ClientSession, client: UpstreamClient) -> None:
-        self._session = session
+    def open_client(self, client: UpstreamClient) -> None:
         self._client = client
 
 

@@ -13,21 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 from aiohttp import web
 from multidict import CIMultiDict
 
 from .errors import sse_error_event
-from .exchange import UpstreamResponse
-from .h1 import UpstreamClientError
 from .policy import Timeouts
+from .upstream.attempt import Attempt
+from .upstream.errors import UpstreamFailure
+from .upstream.response import Response
 
 log = logging.getLogger("ccx_proxy.stream")
 
 KEEPALIVE = b": keepalive\n\n"
 _TAIL = 4096  # enough to hold the final event
-_READ_ERRORS = (UpstreamClientError, TimeoutError, OSError)
+_READ_ERRORS = (UpstreamFailure, TimeoutError, OSError)
 
 
 def _at_boundary(tail: bytes) -> bool:
@@ -110,11 +110,11 @@ class _Keepalive:
 
 async def relay_sse(
     request: web.Request,
-    upstream: UpstreamResponse,
+    upstream: Response,
     headers: CIMultiDict[str],
     channel: str,
     timeouts: Timeouts,
-    on_failure: Callable[[], None],
+    attempt: Attempt,
 ) -> web.StreamResponse:
     headers["X-Accel-Buffering"] = "no"
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
@@ -178,7 +178,7 @@ async def relay_sse(
             keepalive.close()
     if failure is not None:
         upstream.close()
-        on_failure()
+        attempt.broke_off()
         log.warning("%s", failure)
         if encoded:  # nothing can be appended to compressed bytes: cut the connection instead
             if request.transport is not None:

@@ -327,7 +327,7 @@ async def test_channel(request: web.Request) -> web.Response:
     channel = next((c for c in admin.gateway.runtime.config.channels if c.name == name), None)
     if channel is None:
         raise NotFound(f"no channel named {name!r}")
-    result = await probe_channel(admin.gateway.session, channel, params)
+    result = await probe_channel(admin.gateway.client, channel, params)
     return _json_response(result)
 
 

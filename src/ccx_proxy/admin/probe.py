@@ -1,8 +1,12 @@
-"""The channel "Test" button: one tiny real request through one channel.
+"""The channel "Test" button: one tiny real request through one channel, on the path
+real traffic takes.
 
-``count_tokens`` (free on Anthropic) by default, or a 1-token message.  The
-result reports status, latency and the upstream's error text, with every key of
-the channel masked.  It does not touch the channel's live health.
+``count_tokens`` (free on Anthropic) by default, or a 1-token message, through the
+gateway's one upstream client, to every base URL of the channel with the chosen
+key: the same endpoints, egress proxy, TLS settings, channel header lines and
+timeouts as relayed requests.  The result reports status, latency and the
+upstream's error text for each URL, with every secret of the channel masked.  It
+does not touch the channel's live health.
 """
 
 from __future__ import annotations
@@ -11,29 +15,30 @@ import asyncio
 import time
 from typing import Any
 
-import aiohttp
 import orjson
-from yarl import URL
+from multidict import CIMultiDict
 
+from .. import __version__
 from ..config import Channel
-from ..headers import mask_secret
-from ..upstream import gateway_error
+from ..headers import upstream_header_block
+from ..upstream.bodies import client_error_body, scrub
+from ..upstream.client import UpstreamClient
+from ..upstream.errors import to_gateway_error
+from ..upstream.wire import Endpoints
 
 DEFAULT_MODEL = "claude-haiku-4-5"
 _LIMIT = 64 * 1024
 _TIMEOUT = 30.0
+# What a client sends that matters upstream; the channel adds its key, customHeaders and
+# Accept-Encoding exactly as for relayed requests.
+_CLIENT_HEADERS = [
+    (b"Content-Type", b"application/json"),
+    (b"anthropic-version", b"2023-06-01"),
+    (b"User-Agent", f"ccx-proxy/{__version__} (channel test)".encode()),
+]
 
 
-def _scrub(text: str, channel: Channel) -> str:
-    for secret in (*channel.api_keys, *(value for _, value in channel.custom_headers)):
-        if len(secret) >= 6:  # a short header value is no secret worth hiding, and would mangle text
-            text = text.replace(secret, mask_secret(secret))
-    return text
-
-
-async def probe_channel(
-    session: aiohttp.ClientSession, channel: Channel, params: dict[str, Any]
-) -> dict[str, Any]:
+async def probe_channel(client: UpstreamClient, channel: Channel, params: dict[str, Any]) -> dict[str, Any]:
     mode = params.get("mode", "count_tokens")
     model = params.get("model") or DEFAULT_MODEL
     key_index = params.get("keyIndex", 0)
@@ -49,9 +54,9 @@ async def probe_channel(
     if mode not in ("count_tokens", "message") or not isinstance(model, str):
         result["error"] = 'mode must be "count_tokens" or "message", model a string'
         return result
-    if not isinstance(key_index, int) or not 0 <= key_index < len(channel.credentials):
+    if not isinstance(key_index, int) or not 0 <= key_index < len(channel.api_keys):
         result["error"] = (
-            f"no usable key at index {key_index}: the channel has {len(channel.credentials)} resolved key(s)"
+            f"no usable key at index {key_index}: the channel has {len(channel.api_keys)} resolved key(s)"
             " (a ${VAR} key whose variable is unset cannot be used)"
         )
         return result
@@ -60,38 +65,65 @@ async def probe_channel(
     body: dict[str, Any] = {"model": upstream_model, "messages": [{"role": "user", "content": "ping"}]}
     if mode == "message":
         body["max_tokens"] = 1
-    url = channel.urls.count_tokens if mode == "count_tokens" else channel.urls.messages
-    headers = [
-        ("Content-Type", "application/json"),
-        ("anthropic-version", "2023-06-01"),
-        channel.credentials[key_index],
-        *channel.custom_headers,
-    ]
+    payload = orjson.dumps(body)
+    headers = upstream_header_block(_CLIENT_HEADERS, channel.header_lines[key_index], channel.custom_names)
+    urls = [await _probe_url(client, channel, urls, mode, payload, headers) for urls in channel.all_urls]
+    first = urls[0]
+    result.update(status=first["status"], latencyMs=first["latencyMs"], error=first["error"])
+    result["ok"] = all(u["ok"] for u in urls)
+    if first["ok"] and not result["ok"]:
+        result["error"] = "; ".join(f"{u['url']}: {u['error']}" for u in urls if not u["ok"])
+    result["urls"] = urls
+    return result
+
+
+async def _probe_url(
+    client: UpstreamClient, channel: Channel, urls: Endpoints, mode: str, payload: bytes, headers: bytes
+) -> dict[str, Any]:
+    endpoint = urls.count_tokens if mode == "count_tokens" else urls.messages
+    out: dict[str, Any] = {
+        "url": urls.base_url,
+        "ok": False,
+        "status": None,
+        "latencyMs": None,
+        "error": None,
+    }
+    loop = asyncio.get_running_loop()
     started = time.perf_counter()
+    timeouts = channel.timeouts
     try:
         async with asyncio.timeout(_TIMEOUT):
-            async with session.post(
-                URL(url, encoded=True),
-                data=orjson.dumps(body),
-                headers=headers,
-                timeout=channel.timeouts.client_timeout,
-            ) as response:
-                payload = await response.content.read(_LIMIT)
-                result["status"] = response.status
+            response = await client.request(
+                endpoint,
+                payload,
+                headers,
+                connect_timeout=timeouts.connect,
+                read_timeout=timeouts.first_byte(False),
+                deadline=loop.time() + _TIMEOUT,
+            )
+            try:
+                response.set_read_timeout(timeouts.inactivity)
+                raw = await response.read(_LIMIT)
+            finally:
+                response.close()
     except Exception as exc:
-        error = gateway_error(exc, channel.name)
+        error = to_gateway_error(exc, channel.name)
         if error is None:
             raise
-        result["latencyMs"] = round((time.perf_counter() - started) * 1000, 1)
-        result["error"] = _scrub(error.message, channel)
-        return result
-    result["latencyMs"] = round((time.perf_counter() - started) * 1000, 1)
-    result["ok"] = 200 <= response.status < 300
-    if not result["ok"]:
-        text = _scrub(payload.decode("utf-8", "replace"), channel)  # before any cut
+        out["latencyMs"] = round((time.perf_counter() - started) * 1000, 1)
+        out["error"] = scrub(error.message.encode(), channel.secrets).decode("utf-8", "replace")
+        return out
+    out["latencyMs"] = round((time.perf_counter() - started) * 1000, 1)
+    status = response.status
+    out["status"] = status
+    out["ok"] = 200 <= status < 300
+    if not out["ok"]:
+        text = client_error_body(status, CIMultiDict(response.headers), raw, channel.secrets).decode(
+            "utf-8", "replace"
+        )
         try:
             text = str(orjson.loads(text)["error"]["message"])
         except (orjson.JSONDecodeError, KeyError, TypeError):
             text = text[:500]
-        result["error"] = f"upstream {response.status}: {text}"
-    return result
+        out["error"] = f"upstream {status}: {text}"
+    return out

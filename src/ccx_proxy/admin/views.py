@@ -72,8 +72,12 @@ def live_state(channel: Channel | None, health: ChannelHealth | None, now: float
         if kh is None:
             keys.append({"key": mask_secret(key), "state": "ok", "lastError": ""})
             continue
-        state = "disabled" if kh.disabled else "cooling down" if now < kh.cooldown_until else "ok"
-        keys.append({"key": mask_secret(key), "state": state, "lastError": kh.last_error})
+        cooling = sorted(model for model, until in kh.cooldowns.items() if until > now)
+        state = "disabled" if kh.disabled else "cooling down" if cooling else "ok"
+        entry = {"key": mask_secret(key), "state": state, "lastError": kh.last_error}
+        if cooling:
+            entry["coolingModels"] = ", ".join(cooling)  # 429 cool-downs are per (key, model)
+        keys.append(entry)
     usable = [k for k in keys if k["state"] == "ok"]
     if status == "healthy" and keys and not usable:
         status = "cooling down" if any(k["state"] == "cooling down" for k in keys) else "keys disabled"

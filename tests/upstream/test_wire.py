@@ -1,6 +1,8 @@
 import pytest
 
-from ccx_proxy.upstream import endpoints
+from yarl import URL
+
+from ccx_proxy.upstream.wire import endpoints
 
 
 @pytest.mark.parametrize(
@@ -70,5 +72,12 @@ from ccx_proxy.upstream import endpoints
 )
 def test_endpoint_joining(base: str, messages: str, count_tokens: str) -> None:
     urls = endpoints(base)
-    assert urls.messages == messages
-    assert urls.count_tokens == count_tokens
+    assert urls.messages.url == messages
+    assert urls.count_tokens.url == count_tokens
+    # The request line and Host header are built once, from the same URL.
+    url = URL(messages)
+    head = urls.messages.head(b"?beta=true", b"x-api-key: k\r\n", 12)
+    assert head == (
+        f"POST {url.raw_path}?beta=true HTTP/1.1\r\nHost: {url.host_port_subcomponent}\r\n"
+        "x-api-key: k\r\nContent-Length: 12\r\n\r\n"
+    ).encode()

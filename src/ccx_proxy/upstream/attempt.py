@@ -1,0 +1,107 @@
+"""One attempt at one (channel, URL, key), and what failover does next.
+
+An :class:`Attempt` owns the request's health bookkeeping: it claims the channel's
+and the key's breaker passes (:meth:`acquire`) and settles them exactly once --
+:meth:`succeeded` (with the time to first byte), one of the failure verdicts, or
+:meth:`release` when the attempt ended without telling anything about the upstream
+(the client left).  After headers went out, :meth:`broke_off` records a stream
+that failed midway.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from ..config import Channel
+from ..health import ChannelHealth, HealthRegistry, KeyHealth
+
+
+class Next(Enum):
+    """Where failover goes after a failed attempt."""
+
+    KEY = "next key"  # this key is out (rate limited, rejected): the next key, same URL
+    URL = "next URL"  # the server failed: other keys would not help
+    CHANNEL = "next channel"  # the channel is overloaded (529)
+
+
+class Attempt:
+    __slots__ = ("channel", "health", "key", "api_key", "model", "_registry", "_open")
+
+    def __init__(
+        self,
+        registry: HealthRegistry,
+        channel: Channel,
+        health: ChannelHealth,
+        key: KeyHealth,
+        api_key: str,
+        model: str,
+    ) -> None:
+        self.channel = channel
+        self.health = health
+        self.key = key
+        self.api_key = api_key
+        self.model = model  # the upstream model name: 429 cool-downs are per (key, model)
+        self._registry = registry
+        self._open = False
+
+    def acquire(self, now: float, *, panic: bool = False) -> bool:
+        """Claim the breakers' passes; ``panic`` sends the request even past soft
+        exclusions (cool-down, back-off, an open breaker): it then acts as the probe."""
+        health = self.health
+        if panic:
+            health.breaker.force(now)
+            self.key.breaker.force(now)
+        else:
+            if not health.breaker.acquire(now):
+                return False
+            self.key.breaker.acquire(now)
+        health.requests += 1
+        self._open = True
+        return True
+
+    def succeeded(self, ttfb: float) -> None:
+        """Response headers arrived with a status the client gets: the upstream is alive."""
+        health = self.health
+        health.breaker.success()
+        self.key.breaker.success()
+        health.successes += 1
+        health.ttfb.append(ttfb)
+        self._open = False
+
+    def failed(self, message: str) -> None:
+        """The upstream failed (connection, timeout, invalid response, 5xx)."""
+        now = self._registry.clock()
+        self.health.breaker.failure(now)
+        self.key.breaker.failure(now)
+        self.health.last_error = message
+        self._open = False
+
+    def overloaded(self, seconds: float, message: str) -> None:
+        """529: the channel backs off for ``seconds``."""
+        self.failed(message)
+        self.health.backoff_until = self._registry.clock() + seconds
+
+    def rate_limited(self, seconds: float, message: str) -> None:
+        """429: this key cools down for this model only (Anthropic limits per model)."""
+        self.key.cool_down(self.model, self._registry.clock() + seconds)
+        self.key.last_error = message
+        self.health.last_error = message
+        self.release()
+
+    def rejected(self, message: str) -> None:
+        """401/402/403: the key is out of rotation until the next reload."""
+        self.key.disabled = True
+        self.key.last_error = message
+        self.health.last_error = message
+        self.release()
+
+    def release(self) -> None:
+        """The attempt ended without a verdict on the upstream (e.g. the client left)."""
+        if self._open:
+            self._open = False
+            self.health.breaker.release()
+            self.key.breaker.release()
+
+    def broke_off(self) -> None:
+        """After headers: the stream stalled or was cut."""
+        self.health.breaker.failure(self._registry.clock())

@@ -1,0 +1,353 @@
+"""One upstream response as a state machine, parsed by httptools (llhttp).
+
+States::
+
+    HEAD ──head in──► BODY ──message complete──► DONE
+      │                 │
+      └──── any parse error, timeout or lost connection ────► ERROR (terminal)
+
+1xx interim responses are skipped; ``101``, a status outside 100-599 and any
+malformed byte are :class:`BadResponse`.  Once in ERROR no further byte is parsed
+or handed over and the connection is aborted; bytes after a complete response mark
+the connection as not reusable.  Body bytes are handed over as llhttp de-frames
+them, with no copy of ours.  A read timeout (no data for that long) covers the wait
+for the head (bounded too by the failover deadline) and, once the relay sets it,
+the gaps in the body.  Flow control: past a high-water mark of unread bytes the
+socket is paused until the reader catches up, and that time does not count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from enum import Enum
+from typing import Protocol
+
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .errors import BadResponse, DeadlineReached, Disconnected, NothingReceived, ReadTimeout
+
+NEVER = float("inf")
+HIGH_WATER = 256 * 1024  # unread body bytes before the upstream socket is paused
+MAX_HEAD = 64 * 1024  # a response head (or trailer section) larger than this is refused
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())  # until the head is in
+
+
+class State(Enum):
+    HEAD = "head"
+    BODY = "body"
+    DONE = "done"
+    ERROR = "error"
+
+
+class Link(Protocol):
+    """What a response needs from its connection."""
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def release(self, response: Response) -> None: ...
+
+
+class _Stop(Exception):
+    """Raised inside a parser callback to make llhttp stop where it is."""
+
+
+class Response:
+    """Status and headers, then the body as it arrives; fed by :class:`Connection`."""
+
+    __slots__ = (
+        "status",
+        "reason",
+        "headers",
+        "content_type",
+        "state",
+        "keep_alive",
+        "_link",
+        "_loop",
+        "_parser",
+        "_raw",
+        "_reason",
+        "_head_size",
+        "_until_eof",
+        "_fed",
+        "_buffer",
+        "_size",
+        "_exc",
+        "_waiter",
+        "_head_waiter",
+        "_paused",
+        "_timeout",
+        "_deadline",
+        "_last",
+        "_timer",
+    )
+
+    def __init__(
+        self, link: Link, loop: asyncio.AbstractEventLoop, read_timeout: float, deadline: float = NEVER
+    ) -> None:
+        self.status = 0
+        self.reason = ""
+        self.headers = _NO_HEADERS
+        self.content_type = ""
+        self.state = State.HEAD
+        self.keep_alive = False
+        self._link = link
+        self._loop = loop
+        self._parser = httptools.HttpResponseParser(self)
+        self._raw: list[tuple[bytes, bytes]] = []
+        self._reason = b""
+        self._head_size = 0
+        self._until_eof = False  # the body ends when the connection closes
+        self._fed = False  # any byte at all, 1xx interim responses included
+        self._buffer: list[bytes] = []
+        self._size = 0
+        self._exc: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._head_waiter: asyncio.Future[None] = loop.create_future()
+        self._paused = False
+        self._timeout = read_timeout
+        self._deadline = deadline  # for the response head only (the failover deadline)
+        self._last = loop.time()
+        due = min(self._last + read_timeout if read_timeout > 0 else NEVER, deadline)
+        self._timer: asyncio.TimerHandle | None = loop.call_at(due, self._on_timer) if due < NEVER else None
+
+    # -- fed by the connection ------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        state = self.state
+        if state is State.ERROR:
+            return
+        if state is State.DONE:  # bytes after a complete response: never reuse the connection
+            self.keep_alive = False
+            return
+        self._fed = True
+        self._last = self._loop.time()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Stop):
+                return  # the response was complete: the rest is not parsed
+            self._fail(cause if isinstance(cause, BadResponse) else BadResponse(str(cause)))
+        except httptools.HttpParserUpgrade:
+            self._fail(BadResponse("the upstream switched protocols (101)"))
+        except httptools.HttpParserError as exc:
+            self._fail(BadResponse(str(exc) or type(exc).__name__))
+
+    # httptools callbacks: they run inside feed_data.
+
+    def on_message_begin(self) -> None:
+        if self.state is State.DONE:
+            self.keep_alive = False
+            raise _Stop
+        self._raw.clear()
+        self._reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+        self._count(len(reason))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        if self.state is State.HEAD:  # later: a trailer section, not passed on
+            self._raw.append((name, value))
+
+    def _count(self, n: int) -> None:
+        self._head_size += n
+        if self._head_size > MAX_HEAD:
+            raise BadResponse(f"response head or trailers over {MAX_HEAD // 1024} KB")
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status == 101 or not 100 <= status <= 599:
+            raise BadResponse(f"status {status} is not a valid final response here")
+        if status < 200:
+            return  # 1xx interim (100 Continue, 103 Early Hints): skipped, the head comes next
+        headers: CIMultiDict[str] = CIMultiDict()
+        add = headers.add
+        for name, value in self._raw:
+            add(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+        self._raw.clear()
+        self.status = status
+        self.reason = self._reason.decode("latin-1")
+        self.headers = CIMultiDictProxy(headers)
+        content_type = headers.get("Content-Type")
+        self.content_type = (
+            content_type.partition(";")[0].strip().lower() if content_type else "application/octet-stream"
+        )
+        self._until_eof = (
+            status not in (204, 304) and "Content-Length" not in headers and not _chunked(headers)
+        )
+        self.state = State.BODY
+        self._head_size = 0
+        if not self._head_waiter.done():
+            self._head_waiter.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        self._buffer.append(body)
+        self._size += len(body)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self._size > HIGH_WATER and not self._paused:
+            self._paused = True  # a slow reader: stop reading the upstream until it catches up
+            self._link.pause()
+
+    def on_message_complete(self) -> None:
+        if self.state is State.HEAD:
+            return  # the end of a 1xx interim response
+        self.keep_alive = self._parser.should_keep_alive()
+        self.state = State.DONE
+        self._cancel_timer()
+        self._wake()
+
+    # -- the end of the connection and failures ------------------------------------
+
+    def lost(self, exc: BaseException | None) -> None:
+        """The connection is gone (``exc`` None: closed cleanly by the upstream)."""
+        state = self.state
+        if state is State.DONE or state is State.ERROR:
+            return
+        if state is State.BODY and self._until_eof and exc is None:
+            self.keep_alive = False
+            self.state = State.DONE  # the body was delimited by the close
+            self._cancel_timer()
+            self._wake()
+        elif state is State.HEAD and not self._fed:
+            self._fail(NothingReceived("the upstream closed the connection before responding"))
+        elif state is State.HEAD:
+            self._fail(Disconnected("the upstream closed the connection in the middle of the response head"))
+        else:
+            self._fail(Disconnected("the upstream closed the connection before the body was complete"))
+
+    def _fail(self, exc: BaseException) -> None:
+        """Enter the terminal ERROR state: nothing more is parsed, the connection is aborted."""
+        if self.state is State.ERROR or self.state is State.DONE:
+            return
+        self.state = State.ERROR
+        self._exc = exc
+        self.keep_alive = False
+        self._cancel_timer()
+        if not self._head_waiter.done():
+            self._head_waiter.set_exception(exc)
+            self._head_waiter.exception()  # retrieved: nobody may be waiting any more
+        self._wake()
+        self._link.abort()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- the read timeout -------------------------------------------------------------
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.state is State.DONE or self.state is State.ERROR:
+            return
+        now = self._loop.time()
+        head = self.state is State.HEAD
+        if head and now >= self._deadline:
+            self._fail(DeadlineReached("the failover deadline passed before the response head"))
+            return
+        if self._paused:  # waiting on our own reader, not on the upstream
+            self._last = now
+        due = self._last + self._timeout if self._timeout > 0 else NEVER
+        if head:
+            due = min(due, self._deadline)
+        if now < due:
+            if due < NEVER:
+                self._timer = self._loop.call_at(due, self._on_timer)
+            return
+        what = "response headers" if head else "data"
+        self._fail(ReadTimeout(f"no {what} from the upstream for {self._timeout:g} s"))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def set_read_timeout(self, seconds: float) -> None:
+        """From now on, the longest wait for more body bytes (0: none)."""
+        self._timeout = seconds
+        self._cancel_timer()
+        if seconds > 0 and (self.state is State.HEAD or self.state is State.BODY):
+            due = self._last + seconds
+            if self.state is State.HEAD:
+                due = min(due, self._deadline)
+            self._timer = self._loop.call_at(due, self._on_timer)
+
+    # -- used by the client and the relay ------------------------------------------
+
+    async def wait_head(self) -> None:
+        await self._head_waiter
+
+    @property
+    def ready(self) -> bool:
+        """readany() would return at once: bytes are buffered, or the body ended or failed."""
+        return bool(self._buffer) or self.state is State.DONE or self.state is State.ERROR
+
+    @property
+    def at_eof(self) -> bool:
+        """The whole body has arrived and been read."""
+        return self.state is State.DONE and not self._buffer
+
+    async def readany(self) -> bytes:
+        """The body bytes that have arrived (waiting for some); b"" at the end."""
+        while not self._buffer:
+            if self._exc is not None:
+                raise self._exc
+            if self.state is State.DONE:
+                return b""
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        buffer = self._buffer
+        data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+        buffer.clear()
+        self._size = 0
+        if self._paused:
+            self._paused = False
+            self._last = self._loop.time()
+            self._link.resume()
+        return data
+
+    async def read(self, limit: int = -1) -> bytes:
+        """The rest of the body (at most ``limit`` bytes when limit >= 0)."""
+        parts: list[bytes] = []
+        size = 0
+        while limit < 0 or size < limit:
+            chunk = await self.readany()
+            if not chunk:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+        data = b"".join(parts)
+        return data if limit < 0 else data[:limit]
+
+    def release(self) -> None:
+        """Done with the response: its connection is pooled if it ended cleanly, else aborted."""
+        self._cancel_timer()
+        self._link.release(self)
+
+    def close(self) -> None:
+        """Done early (or failed): the connection is aborted, never reused."""
+        self._fail(Disconnected("the response was abandoned before its end"))
+        self._link.abort()
+
+    @property
+    def reusable(self) -> bool:
+        """Complete, read to the end, and the upstream allows keep-alive."""
+        return self.state is State.DONE and self.keep_alive and not self._buffer
+
+
+def _chunked(headers: CIMultiDict[str]) -> bool:
+    """Whether the last transfer coding, across every Transfer-Encoding line, is chunked."""
+    codings = ",".join(headers.getall("Transfer-Encoding", ()))
+    return bool(codings) and codings.rsplit(",", 1)[-1].strip().lower() == "chunked"
