@@ -131,8 +131,9 @@ def latency(ctx: Ctx) -> dict[str, object]:
 
 
 def throughput(ctx: Ctx) -> dict[str, object]:
-    """2. Closed-loop load at 32 and 128 connections: requests/s and gateway CPU per request."""
-    levels = [32] if ctx.quick else [32, 128]
+    """2. Closed-loop load at 32, 64 and 128 connections: requests/s and gateway CPU per request;
+    the aiohttp floor and the naive forwarder at 32 and 64."""
+    levels = [32] if ctx.quick else [32, 64, 128]
     seconds = 1.0 if ctx.quick else 3.0
     rounds = 1 if ctx.quick else 2
     out: dict[str, object] = {"seconds": seconds, "rounds": rounds, "loadgen": "wrk" if ctx.wrk else "python"}
@@ -157,8 +158,8 @@ def throughput(ctx: Ctx) -> dict[str, object]:
                         1e6 * result["gateway_cpu_s"] / max(1, result["requests"])
                     )
                 runs[target].append(result)
-        for reference in ("naive", "floor"):  # one run each, at 32 connections
-            if conns == 32 and reference in ctx.ports and not ctx.quick:
+        for reference in ("naive", "floor"):  # one run each, at 32 and 64 connections
+            if conns in (32, 64) and reference in ctx.ports and not ctx.quick:
                 ctx.load(reference, conns, 1.0)
                 runs[reference] = [ctx.load(reference, conns, seconds)]
         out[f"c{conns}"] = {

@@ -66,6 +66,7 @@ class FakeUpstream:
         self.requests: list[Recorded] = []
         self.aborted = 0  # responses the gateway walked away from mid-way
         self.completed = 0
+        self.sent = 0  # body bytes written (each write returned: the transport took them)
         self.reply: Reply | Callable[[Recorded], Reply] = Reply()
         self.server: TestServer | None = None
 
@@ -94,6 +95,7 @@ class FakeUpstream:
                 if i and reply.delay:
                     await asyncio.sleep(reply.delay)
                 await response.write(chunk)
+                self.sent += len(chunk)
             if reply.cut:
                 assert request.transport is not None
                 request.transport.close()

@@ -365,3 +365,61 @@ async def test_console_files_are_served_with_revalidation(admin: Any) -> None:
         assert resp.status == 200 and resp.headers["Cache-Control"] == "no-cache"
     assert (await admin.get("/admin/static/..%2Fapi.py")).status == 404
     assert (await admin.get("/admin", allow_redirects=False)).status == 302
+
+
+async def test_channel_test_takes_the_relay_path_to_every_url(admin: Any, aiohttp_server: Any) -> None:
+    seen: list[tuple[str, dict[str, str]]] = []
+
+    def upstream(status: int) -> web.Application:
+        async def handle(request: web.Request) -> web.Response:
+            seen.append((request.host, dict(request.headers)))
+            return web.json_response({"input_tokens": 3}, status=status)
+
+        app = web.Application()
+        app.router.add_post("/v1/messages/count_tokens", handle)
+        return app
+
+    good, bad = await aiohttp_server(upstream(200)), await aiohttp_server(upstream(500))
+    await admin.post(
+        BASE,
+        json={
+            "name": "two-urls",
+            "baseUrl": str(good.make_url("")),
+            "baseUrls": [str(bad.make_url(""))],
+            "apiKeys": [LITERAL_KEY],
+            "customHeaders": {"X-Org": "org-secret-2"},
+        },
+        headers=ADMIN,
+    )
+    result = await _json(await admin.post(f"{BASE}/two-urls/test", json={}, headers=ADMIN))
+    assert [u["status"] for u in result["urls"]] == [200, 500]
+    assert result["ok"] is False and result["status"] == 200 and "upstream 500" in result["error"]
+    assert [host for host, _ in seen] == [f"127.0.0.1:{good.port}", f"127.0.0.1:{bad.port}"]
+    for _, headers in seen:  # the same channel header lines as relayed requests
+        assert headers["x-api-key"] == LITERAL_KEY and headers["X-Org"] == "org-secret-2"
+        assert headers["Accept-Encoding"] == "identity"
+
+
+async def test_proxy_password_is_masked_and_kept_when_sent_back(admin: Any, channels_file: Path) -> None:
+    version = await _version(admin)
+    resp = await admin.post(
+        BASE,
+        json={
+            "name": "proxied",
+            "baseUrl": "https://api.example.com",
+            "apiKeys": [LITERAL_KEY],
+            "status": "disabled",
+            "proxyUrl": "http://team:proxy-pass-123@proxy.internal:3128",
+        },
+        headers={**ADMIN, "If-Match": version},
+    )
+    assert resp.status == 201, await resp.text()
+    raw = await (await admin.get(BASE, headers=ADMIN)).read()
+    assert b"proxy-pass-123" not in raw
+    view = await _json(await admin.get(f"{BASE}/proxied", headers=ADMIN))
+    assert view["proxyUrl"] == "http://team:***@proxy.internal:3128"
+    edited = {k: v for k, v in view.items() if k != "state"}
+    edited["priority"] = 7
+    assert (await admin.put(f"{BASE}/proxied", json=edited, headers=ADMIN)).status == 200
+    stored = next(c for c in json.loads(channels_file.read_text())["channels"] if c["name"] == "proxied")
+    assert stored["proxyUrl"] == "http://team:proxy-pass-123@proxy.internal:3128"

@@ -58,10 +58,14 @@ _missing = [
     )
     if not ok
 ]
-pytestmark = pytest.mark.skipif(
-    bool(_missing) and not os.environ.get("CI"),  # CI installs both: a missing one must fail there
-    reason=f"browser test needs {' and '.join(_missing)} (pip install playwright; apt-get install chromium)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        bool(_missing) and not os.environ.get("CI"),  # CI installs both: a missing one must fail there
+        reason=f"browser test needs {' and '.join(_missing)} "
+        "(pip install playwright; apt-get install chromium)",
+    ),
+]
 
 
 @dataclass

@@ -18,4 +18,6 @@ def test_ttl_and_bound() -> None:
     assert affinity.channel_for("s4", 5) == "a"
     assert affinity.channel_for("s4", 14.5) is None  # idle past the TTL
     affinity.remember("new", "b", now=100)
-    assert len(affinity) <= 3
+    # Every earlier session is past its TTL by now: only the new one is left.
+    assert len(affinity) == 1
+    assert affinity.channel_for("new", 100) == "b" and affinity.channel_for("s4", 100) is None

@@ -18,6 +18,8 @@ from ccx_proxy.mock_upstream import MockUpstream
 
 from .conftest import ACCESS_KEY, UPSTREAM_KEY, channel
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -48,8 +48,9 @@ async def test_hundreds_of_clients_disconnecting_mid_stream_leak_nothing(
         print(
             f"\n{CLIENTS} disconnects: upstream saw {fake_upstream.aborted} aborts after {took * 1000:.0f} ms"
         )
+    # Each upstream stream would run 20 s: every one of them ending within the 5 s wait,
+    # none completed, means the gateway aborted them (no wall-clock bound on how fast).
     assert fake_upstream.aborted == CLIENTS and fake_upstream.completed == 0
-    assert took < 1.0
 
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and len(asyncio.all_tasks()) > baseline_tasks:
@@ -64,12 +65,16 @@ async def test_hundreds_of_clients_disconnecting_mid_stream_leak_nothing(
 
 
 async def test_disconnect_while_waiting_for_headers_aborts_the_upstream(start_gateway, fake_upstream) -> None:
-    fake_upstream.reply = Reply(before=0.3, chunks=[b"event: message_stop\ndata: {}\n\n"])
+    # The upstream would answer after 20 s: only an abort can end it within the test.
+    fake_upstream.reply = Reply(before=20, chunks=[b"event: message_stop\ndata: {}\n\n"])
     client = await start_gateway(channel("a", fake_upstream.url))
     url = str(client.make_url("/v1/messages"))
     async with aiohttp.ClientSession() as session:
         task = asyncio.ensure_future(session.post(url, data=message_body(), headers=AUTH))
-        await asyncio.sleep(0.1)
+        deadline = time.monotonic() + 3
+        while not fake_upstream.requests and time.monotonic() < deadline:  # the upstream has it
+            await asyncio.sleep(0.01)
+        assert fake_upstream.requests
         task.cancel()  # the client gives up before the upstream answers
         await asyncio.gather(task, return_exceptions=True)
     deadline = time.monotonic() + 3

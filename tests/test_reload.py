@@ -72,12 +72,19 @@ async def test_an_invalid_file_is_rejected_and_the_running_config_stays(setup: A
     client, path, a, b = setup
     watcher = client.server.app[WATCHER]
     path.write_text('{"channels": [{"name": "x", "baseUrl": "ftp://nope"}]}')
-    await asyncio.sleep(0.5)
-    assert await _served_by(client) == "a"
+
+    def rejected(n: int) -> Any:
+        async def check() -> bool:
+            return watcher.rejected == n
+
+        return check
+
+    await _eventually(rejected(1))  # the watcher has read the bad file ...
+    assert await _served_by(client) == "a"  # ... and kept the running configuration
     assert "reload (file changed) rejected: channels[0].baseUrl" in caplog.text
     assert "keeping the running configuration" in caplog.text
     path.write_text("{broken")
-    await asyncio.sleep(0.4)
+    await _eventually(rejected(2))
     assert await _served_by(client) == "a" and watcher.reloads == 0
 
 
@@ -178,8 +185,6 @@ def test_sighup_reloads_a_running_server(tmp_path: Path) -> None:
 
         assert served_by() == "first"
         _write(path, [_ch("second", mock, apiKeys=["mock-upstream-key"])])
-        time.sleep(0.3)
-        assert served_by() == "first"  # watching is off: only SIGHUP reloads
         proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 3
         while served_by() != "second":
@@ -190,6 +195,7 @@ def test_sighup_reloads_a_running_server(tmp_path: Path) -> None:
         _, stderr = proc.communicate(timeout=10)
     assert proc.returncode == 0, stderr
     assert "reloaded" in stderr and "(SIGHUP)" in stderr
+    assert "(file changed)" not in stderr  # CONFIG_WATCH_INTERVAL_MS=0: only the signal reloads
 
 
 async def test_reload_reenables_keys_disabled_for_auth(setup: Any) -> None:
@@ -197,7 +203,7 @@ async def test_reload_reenables_keys_disabled_for_auth(setup: Any) -> None:
     gateway = client.server.app[GATEWAY]
     health = gateway.health.channel("a", gateway.runtime.config.channels[0].breaker)
     health.key("k", gateway.runtime.config.channels[0].breaker).disabled = True
-    assert (await client.post("/v1/messages", data=message_body(), headers=AUTH)).status == 503
+    assert (await client.post("/v1/messages", data=message_body(), headers=AUTH)).status == 502
     _write(path, [_ch("a", a.url, priority=5)])
 
     async def back() -> bool:

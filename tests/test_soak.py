@@ -10,9 +10,12 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 
 from tests.conftest import AUTH, SSE_BODY, channel, message_body
+
+pytestmark = pytest.mark.slow
 
 REQUESTS = 2000
 CONCURRENCY = 64

@@ -449,7 +449,7 @@ def _parse_channel(
                 else:
                     custom_headers.append((hname, value))
 
-    proxy_url, proxies = _egress(f, item, env, active, base_url, base_urls)
+    proxy_url, proxies = _egress(f, item, env, active, base_url, base_urls, warnings)
     insecure = f.flag("insecureSkipVerify")
     if insecure:
         warnings.append(
@@ -499,6 +499,7 @@ def _egress(
     active: bool,
     base_url: str | None,
     base_urls: list[str] | None,
+    warnings: list[str],
 ) -> tuple[str, tuple[Proxy | None, ...]]:
     """The channel's proxyUrl as written, and the proxy each base URL goes through."""
     raw = item.get("proxyUrl", "")
@@ -530,7 +531,12 @@ def _egress(
         try:
             found.append(parse_proxy(from_env))
         except WireError as exc:
-            f.problem("proxyUrl", f"the environment's proxy for {base} is unusable: {exc}")
+            # A shell-wide setting (often socks5://) must not stop the gateway from starting;
+            # say loudly that this channel goes direct instead.
+            warnings.append(
+                f"{f.where}: ignoring the environment's proxy for {base} ({exc}); the channel "
+                "connects directly -- set proxyUrl, or NO_PROXY to silence this"
+            )
             found.append(None)
     return "", tuple(found)
 

@@ -17,10 +17,12 @@ The tree (status / Anthropic ``error.type``)::
     ├── RequestTooLarge               413 request_too_large
     ├── RateLimited                   429 rate_limit_error
     ├── UpstreamUnreachable           502 api_error
+    │   └── UpstreamKeyRejected       502 api_error  (the channel's key refused: 401/402/403)
     ├── NoChannelAvailable            503 overloaded_error
     └── UpstreamTimeout               504 timeout_error
 
-Errors a retry cannot fix (400, 401, 403, 404, 405, 409, 413) carry
+Errors a retry cannot fix (400, 401, 403, 404, 405, 409, 413, and a 502 for a
+channel key the upstream refused) carry
 ``x-should-retry: false``, so Claude Code and the SDKs stop at once instead of
 retrying for minutes; 429 and 503 carry ``Retry-After``.
 
@@ -110,6 +112,13 @@ class RateLimited(GatewayError):
 class UpstreamUnreachable(GatewayError):
     status = 502
     error_type = "api_error"
+
+
+class UpstreamKeyRejected(UpstreamUnreachable):
+    """The upstream refused the channel's own key: the operator's to fix, not the client's,
+    and no retry by the client helps (x-should-retry: false)."""
+
+    retryable = False
 
 
 class NoChannelAvailable(GatewayError):

@@ -13,10 +13,11 @@ usable key.  Failover happens only here, before anything reaches the client
 * any other status: the client gets it as it is.
 
 Never less available than going direct: when soft state (a cool-down, a back-off,
-an open breaker) holds back every candidate, the request goes anyway to the one
-that frees up soonest ("panic routing"), and the client gets what the upstream
-says.  The gateway answers with its own error only when nothing at all could be
-tried.  Attempts are bounded by ``maxAttempts`` and share ``failoverDeadlineMs``.
+an open breaker) holds back every candidate -- or every other one failed without an
+answer (unreachable, timed out) -- the request goes anyway to the held-back one that
+frees up soonest ("panic routing"), and the client gets what the upstream says.
+The gateway answers with its own error only when nothing at all could be tried.
+Attempts are bounded by ``maxAttempts`` and share ``failoverDeadlineMs``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from multidict import CIMultiDict
 
 from .body import ModelField, replace_model
-from .errors import GatewayError, NoChannelAvailable
+from .errors import GatewayError, NoChannelAvailable, UpstreamKeyRejected
 from .headers import client_response_headers, mask_secret, upstream_header_block
 from .health import ChannelHealth, HealthRegistry, KeyHealth, retry_after_seconds
 from .policy import RoutingPolicy
@@ -36,7 +37,7 @@ from .routing import Candidate
 from .upstream.attempt import Attempt, Next
 from .upstream.bodies import ERROR_BODY_LIMIT, client_error_body
 from .upstream.client import UpstreamClient
-from .upstream.errors import UpstreamFailure, to_gateway_error
+from .upstream.errors import ProxyFailed, UpstreamFailure, to_gateway_error
 from .upstream.response import Response
 from .upstream.wire import Endpoints
 
@@ -46,6 +47,7 @@ FAILOVER_SERVER = frozenset({500, 502, 503, 504})
 KEY_REJECTED = frozenset({401, 402, 403})
 RATE_LIMITED = 429
 OVERLOADED = 529
+PROXY_AUTH = 407
 FAILOVER_STATUSES = FAILOVER_SERVER | KEY_REJECTED | {RATE_LIMITED, OVERLOADED}
 
 
@@ -76,6 +78,7 @@ class Outcome:
     transport_errors: list[GatewayError] = field(default_factory=list)
     attempts: int = 0
     retry_after: float | None = None  # when something held back frees up
+    rejected_keys: list[str] = field(default_factory=list)  # skipped: disabled after 401/402/403
 
 
 @dataclass(slots=True)
@@ -170,7 +173,9 @@ async def connect(
                     outcome.tried.append(
                         f"{channel.name} key {mask_secret(api_key)}: {_key_state(key, now, candidate.model)}"
                     )
-                    if not key.disabled:
+                    if key.disabled:
+                        outcome.rejected_keys.append(f"{channel.name} key {mask_secret(api_key)}")
+                    else:
                         held.append(_Held(key.usable_at(now, candidate.model), candidate, urls, index))
                     continue
                 if req.spent():
@@ -194,9 +199,11 @@ async def connect(
     if held:
         now = registry.clock()
         soonest = min(held, key=lambda h: h.at)
-        if outcome.attempts == 0 and not req.spent():
-            # Everything was held back by soft state: going direct would still have been
-            # served (or told to wait by the upstream itself), so send it anyway.
+        if outcome.last is None and not req.spent():
+            # No upstream answered (everything was held back by soft state, or what was
+            # tried failed without an answer): going direct to a held-back candidate would
+            # still have been served (or told to wait by the upstream itself), so send it
+            # anyway rather than answer with a gateway error.
             channel = soonest.candidate.channel
             health = registry.channel(channel.name, channel.breaker)
             api_key = channel.api_keys[soonest.index]
@@ -209,13 +216,23 @@ async def connect(
                 soonest.candidate.model,
             )
             attempt.acquire(now, panic=True)
-            log.info("every candidate for %r is held back; trying %r anyway", model.name, channel.name)
-            outcome.tried.append(f"all held back: tried {channel.name} anyway")
+            log.info("nothing answered for %r and the rest is held back: trying %r", model.name, channel.name)
+            outcome.tried.append(f"held back: tried {channel.name} anyway")
             result = await _attempt(req, soonest.candidate, soonest.urls, soonest.index, attempt)
             if isinstance(result, Connected):
                 return result
-        outcome.retry_after = max(0.0, soonest.at - registry.clock())
+        # When the soonest held-back candidate frees up, as it stands now (a failed panic
+        # attempt may just have reopened a breaker for longer).
+        now = registry.clock()
+        outcome.retry_after = min(_frees_at(registry, h, now) for h in held) - now
     return outcome
+
+
+def _frees_at(registry: HealthRegistry, held: _Held, now: float) -> float:
+    channel = held.candidate.channel
+    health = registry.channel(channel.name, channel.breaker)
+    key = health.key(channel.api_keys[held.index], channel.breaker)
+    return max(health.usable_at(now), key.usable_at(now, held.candidate.model))
 
 
 def _hold_channel(held: list[_Held], candidate: Candidate, health: ChannelHealth, now: float) -> None:
@@ -262,19 +279,15 @@ async def _attempt(
         if error is None:
             attempt.release()
             raise
-        attempt.failed(error.message)
-        req.outcome.transport_errors.append(error)
-        req.outcome.tried.append(f"{channel.name} ({endpoint.origin.host}): {error.message}")
-        log.warning(
-            "channel %r (%s, key %s): %s",
-            channel.name,
-            endpoint.origin.host,
-            mask_secret(attempt.api_key),
-            error.message,
-        )
-        return Next.URL
+        return _failed(req, attempt, endpoint.origin.host, error)
 
     status = response.status
+    proxy = endpoint.origin.proxy
+    if status == PROXY_AUTH and proxy is not None and not endpoint.origin.tunnel:
+        # A forward proxy's own refusal, not the upstream's answer: never relayed.
+        response.close()
+        refused = ProxyFailed(f"proxy {proxy.display} answered 407: its credentials are missing or wrong")
+        return _failed(req, attempt, endpoint.origin.host, to_gateway_error(refused, channel.name))
     if status not in FAILOVER_STATUSES:
         return Connected(response, attempt, req.started)
     try:
@@ -316,11 +329,30 @@ async def _attempt(
     return Next.URL
 
 
+def _failed(req: _Request, attempt: Attempt, host: str, error: GatewayError | None) -> Next:
+    """An attempt that got no usable answer (connection, timeout, invalid response, proxy)."""
+    assert error is not None
+    attempt.failed(error.message)
+    req.outcome.transport_errors.append(error)
+    req.outcome.tried.append(f"{attempt.channel.name} ({host}): {error.message}")
+    log.warning(
+        "channel %r (%s, key %s): %s", attempt.channel.name, host, mask_secret(attempt.api_key), error.message
+    )
+    return Next.URL
+
+
 def exhausted(outcome: Outcome, model: str) -> GatewayError:
     """The error for a request no upstream answered: the one transport error as it is
-    when there was a single attempt, else a 503 listing what was tried."""
+    when there was a single attempt; a 502 the client cannot fix when the only obstacle
+    was keys the upstream refused; else a 503 listing what was tried."""
     if len(outcome.transport_errors) == 1 and len(outcome.tried) == 1:
         return outcome.transport_errors[0]
+    if outcome.rejected_keys and not outcome.transport_errors and outcome.retry_after is None:
+        return UpstreamKeyRejected(
+            f"the upstream refused every key that could serve model {model!r} "
+            f"({', '.join(outcome.rejected_keys)}); the gateway's operator must fix the channel's "
+            "apiKeys and reload -- your own key is fine"
+        )
     tried = "; ".join(outcome.tried) or "no candidate"
     return NoChannelAvailable(
         f"no upstream could serve model {model!r}: {tried}", retry_after=outcome.retry_after

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 from aiohttp import web
 
 from .affinity import session_of
 from .body import find_model
-from .errors import InvalidRequest, RequestTooLarge
-from .failover import Connected, connect, exhausted
+from .errors import InvalidRequest, RequestTooLarge, UpstreamKeyRejected
+from .failover import KEY_REJECTED, Connected, connect, exhausted
 from .headers import client_response_headers, forwarded_raw
 from .routing import prefer
 from .state import GATEWAY, Gateway
@@ -53,6 +54,15 @@ async def _read_body(request: web.Request, gateway: Gateway) -> bytes:
             raise _too_large(limit)
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _upstream_message(body: bytes) -> str:
+    """The message of an (already key-masked) upstream error body, for a gateway error."""
+    try:
+        message = orjson.loads(body)["error"]["message"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        message = body[:200].decode("utf-8", "replace")
+    return str(message)[:300] or "no details"
 
 
 def _too_large(limit: int) -> RequestTooLarge:
@@ -101,6 +111,13 @@ async def _forward(request: web.Request, *, count_tokens: bool) -> web.StreamRes
         last = result.last
         if last is None:
             raise exhausted(result, field.name)
+        if last.status in KEY_REJECTED:
+            # The upstream refused the channel's key, not the client's: no client retry helps.
+            raise UpstreamKeyRejected(
+                f"upstream channel {last.channel!r} refused the gateway's key ({last.status}): "
+                f"{_upstream_message(last.body)}; the gateway's operator must fix the channel's apiKeys "
+                "-- your own key is fine"
+            )
         last.headers[CHANNEL_HEADER] = last.channel
         return web.Response(status=last.status, reason=last.reason, headers=last.headers, body=last.body)
 

@@ -35,6 +35,7 @@ class ConfigWatcher:
         self._seen = _stamp(self.path)
         self._task: asyncio.Task[None] | None = None
         self.reloads = 0
+        self.rejected = 0  # invalid files seen (and kept out)
 
     def reload(self, reason: str) -> bool:
         """Load the file now; True when the new configuration is in use."""
@@ -45,6 +46,7 @@ class ConfigWatcher:
             for problem in exc.problems:
                 log.error("reload (%s) rejected: %s", reason, problem)
             log.error("keeping the running configuration")
+            self.rejected += 1
             return False
         for warning in config.warnings:
             log.warning("%s: %s", self.path, warning)

@@ -1,5 +1,4 @@
 import pytest
-
 from yarl import URL
 
 from ccx_proxy.upstream.wire import endpoints
@@ -77,7 +76,10 @@ def test_endpoint_joining(base: str, messages: str, count_tokens: str) -> None:
     # The request line and Host header are built once, from the same URL.
     url = URL(messages)
     head = urls.messages.head(b"?beta=true", b"x-api-key: k\r\n", 12)
-    assert head == (
-        f"POST {url.raw_path}?beta=true HTTP/1.1\r\nHost: {url.host_port_subcomponent}\r\n"
-        "x-api-key: k\r\nContent-Length: 12\r\n\r\n"
-    ).encode()
+    assert (
+        head
+        == (
+            f"POST {url.raw_path}?beta=true HTTP/1.1\r\nHost: {url.host_port_subcomponent}\r\n"
+            "x-api-key: k\r\nContent-Length: 12\r\n\r\n"
+        ).encode()
+    )

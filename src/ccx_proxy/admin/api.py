@@ -25,6 +25,7 @@ from ..headers import mask_secret
 from ..reload import ConfigWatcher
 from ..state import GATEWAY, Gateway
 from ..store import ChannelStore, Document
+from ..upstream.wire import mask_proxy_url
 from .probe import probe_channel
 from .views import live_state, masked_channel, unmask
 
@@ -220,6 +221,9 @@ async def update_channel(request: web.Request) -> web.Response:
             new["customHeaders"] = {
                 k: unmask([v], [old_headers[k]])[0] if k in old_headers else v for k, v in headers.items()
             }
+        proxy, old_proxy = new.get("proxyUrl"), old.get("proxyUrl")
+        if isinstance(proxy, str) and isinstance(old_proxy, str) and proxy == mask_proxy_url(old_proxy):
+            new["proxyUrl"] = old_proxy  # sent back masked: keep the stored password
         items[i] = new
         return i
 

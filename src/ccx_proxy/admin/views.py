@@ -9,6 +9,7 @@ from typing import Any
 from ..config import Channel
 from ..headers import mask_secret
 from ..health import ChannelHealth
+from ..upstream.wire import mask_proxy_url
 
 _ENV_REF = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
 
@@ -26,6 +27,9 @@ def masked_channel(raw: dict[str, Any]) -> dict[str, Any]:
     headers = raw.get("customHeaders")
     if isinstance(headers, dict):
         out["customHeaders"] = {k: mask_value(v) if isinstance(v, str) else v for k, v in headers.items()}
+    proxy = raw.get("proxyUrl")
+    if isinstance(proxy, str) and proxy:
+        out["proxyUrl"] = mask_proxy_url(proxy)  # the password, never the rest
     return out
 
 

@@ -66,6 +66,11 @@ class Attempt:
         self.key.breaker.success()
         health.successes += 1
         health.ttfb.append(ttfb)
+        # Served: whatever held this channel or key back for this model is over.
+        if health.backoff_until:
+            health.backoff_until = 0.0
+        if self.key.cooldowns:
+            self.key.cooldowns.pop(self.model, None)
         self._open = False
 
     def failed(self, message: str) -> None:

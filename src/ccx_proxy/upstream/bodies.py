@@ -6,6 +6,8 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable, Mapping, MutableMapping
 
+from multidict import CIMultiDict, CIMultiDictProxy
+
 from ..errors import error_body
 from ..headers import mask_secret
 
@@ -25,20 +27,32 @@ _ERROR_TYPES = {
 
 def decode_error_body(headers: Mapping[str, str], body: bytes) -> bytes | None:
     """The body as plain bytes (at most ERROR_BODY_LIMIT of them), or None when its
-    ``Content-Encoding`` cannot be read here (e.g. br, zstd) or the data is corrupt."""
-    encoding = headers.get("Content-Encoding", "").strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding in ("gzip", "x-gzip"):
-        wbits = 16 + zlib.MAX_WBITS
-    elif encoding == "deflate":  # zlib-wrapped as the RFC says; raw deflate as some servers send
-        wbits = zlib.MAX_WBITS if body[:1] == b"\x78" else -zlib.MAX_WBITS
+    ``Content-Encoding`` cannot be read here (br, zstd, several codings) or the data is
+    corrupt."""
+    lines = (
+        headers.getall("Content-Encoding", ())
+        if isinstance(headers, CIMultiDictProxy | CIMultiDict)
+        else ([headers["Content-Encoding"]] if "Content-Encoding" in headers else [])
+    )
+    codings = [c.strip().lower() for line in lines for c in line.split(",") if c.strip()]
+    codings = [c for c in codings if c != "identity"]
+    if not codings:
+        return body[:ERROR_BODY_LIMIT]
+    if len(codings) > 1:
+        return None
+    attempts: tuple[int, ...]
+    if codings[0] in ("gzip", "x-gzip"):
+        attempts = (16 + zlib.MAX_WBITS,)
+    elif codings[0] == "deflate":  # zlib-wrapped as the RFC says, else raw as some servers send
+        attempts = (zlib.MAX_WBITS, -zlib.MAX_WBITS)
     else:
         return None
-    try:
-        return zlib.decompressobj(wbits).decompress(body, ERROR_BODY_LIMIT)
-    except zlib.error:
-        return None
+    for wbits in attempts:
+        try:
+            return zlib.decompressobj(wbits).decompress(body, ERROR_BODY_LIMIT)
+        except zlib.error:
+            continue
+    return None
 
 
 def scrub(body: bytes, secrets: Iterable[str]) -> bytes:
@@ -57,8 +71,8 @@ def client_error_body(
     their ``Content-Encoding`` when the body was decoded or replaced."""
     encoding = headers.get("Content-Encoding")
     plain = decode_error_body(headers, body)
-    if encoding is not None:
-        headers.pop("Content-Encoding", None)
+    while "Content-Encoding" in headers:  # every line of it
+        del headers["Content-Encoding"]
     if plain is None:
         headers["Content-Type"] = "application/json"
         message = f"upstream answered {status} with a {encoding} body the gateway cannot read"

@@ -5,10 +5,42 @@ released at once whatever the upstream does."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
+import sys
 from typing import Protocol
 
+from .errors import Disconnected
 from .response import Response
 from .wire import Origin
+
+# SO_LINGER on, 0 s: close() sends a RST and drops unsent bytes, instead of the kernel
+# holding them (and the socket) for as long as an upstream that stopped reading wants.
+_RESET = struct.pack("ii", 1, 0)
+
+if sys.platform == "linux":
+    import fcntl
+    import termios
+
+    _OUTQ: int | None = termios.TIOCOUTQ  # SIOCOUTQ on a socket: bytes the peer has not acknowledged
+else:  # pragma: no cover
+    _OUTQ = None
+
+
+def _all_sent(transport: asyncio.Transport) -> bool:
+    """Whether every byte written has reached the upstream.  The transport's own buffer
+    is not enough: behind TLS it leaves out the socket transport's buffer, and either
+    way the kernel may still hold the tail of a body the upstream stopped reading."""
+    if transport.get_write_buffer_size():
+        return False
+    sock = transport.get_extra_info("socket")
+    if _OUTQ is None or sock is None:
+        return True
+    try:
+        (queued,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0"))
+    except (OSError, ValueError):
+        return False
+    return int(queued) == 0
 
 
 class Pool(Protocol):
@@ -45,9 +77,12 @@ class Connection(asyncio.Protocol):
         return False  # close the transport; connection_lost says the rest
 
     def connection_lost(self, exc: Exception | None) -> None:
+        ours = self.closed  # aborted (or closed) by the gateway, not ended by the upstream
         self.closed = True
         self.pool.forget(self)
         if self.response is not None:
+            if exc is None and ours:  # never the clean end of a body delimited by the close
+                exc = Disconnected("the connection was closed by the gateway")
             self.response.lost(exc)
 
     # -- used by the client and its response ---------------------------------------------
@@ -84,7 +119,7 @@ class Connection(asyncio.Protocol):
             and response.reusable
             and self.usable
             and transport is not None
-            and transport.get_write_buffer_size() == 0
+            and _all_sent(transport)
         ):
             self.response = None
             self.pool.put(self)
@@ -92,10 +127,17 @@ class Connection(asyncio.Protocol):
             self.abort()
 
     def abort(self) -> None:
-        """Drop the connection now: no FIN after a flush of whatever is still unsent."""
+        """Drop the connection now: a RST, no FIN after a flush of whatever is still unsent."""
         self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
+        transport = self.transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                except (OSError, ValueError):  # already closed (uvloop: ValueError)
+                    pass
+            transport.abort()
 
     def close(self) -> None:
         """Close an idle connection politely (nothing is pending on it)."""

@@ -72,6 +72,7 @@ class Response:
         "_raw",
         "_reason",
         "_head_size",
+        "_head_bytes",
         "_until_eof",
         "_fed",
         "_buffer",
@@ -101,6 +102,7 @@ class Response:
         self._raw: list[tuple[bytes, bytes]] = []
         self._reason = b""
         self._head_size = 0
+        self._head_bytes = 0  # bytes fed while still in HEAD: httptools holds a header until it ends
         self._until_eof = False  # the body ends when the connection closes
         self._fed = False  # any byte at all, 1xx interim responses included
         self._buffer: list[bytes] = []
@@ -137,6 +139,11 @@ class Response:
             self._fail(BadResponse("the upstream switched protocols (101)"))
         except httptools.HttpParserError as exc:
             self._fail(BadResponse(str(exc) or type(exc).__name__))
+        else:
+            if self.state is State.HEAD:  # every byte of this feed was part of the head
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD:
+                    self._fail(BadResponse(f"response head over {MAX_HEAD // 1024} KB"))
 
     # httptools callbacks: they run inside feed_data.
 
@@ -165,6 +172,8 @@ class Response:
         status = self._parser.get_status_code()
         if status == 101 or not 100 <= status <= 599:
             raise BadResponse(f"status {status} is not a valid final response here")
+        if self._parser.get_http_version() not in ("1.1", "1.0"):
+            raise BadResponse(f"HTTP/{self._parser.get_http_version()} is not HTTP/1.x")
         if status < 200:
             return  # 1xx interim (100 Continue, 103 Early Hints): skipped, the head comes next
         headers: CIMultiDict[str] = CIMultiDict()

@@ -62,7 +62,8 @@ class Origin:
 
     def describe(self) -> str:
         via = f" via {self.proxy.display}" if self.proxy is not None else ""
-        return f"{self.scheme}://{self.host}:{self.port}{via}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}{via}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +117,8 @@ def endpoints(base_url: str, proxy: Proxy | None = None, verify: bool = True) ->
     url = URL(root, encoded=True)
     if url.scheme not in ("http", "https") or not url.raw_host:
         raise WireError(f"not an http(s) URL: {base_url!r}")
+    if url.explicit_port == 0:  # yarl's port would say 80 or 443: not what was written
+        raise WireError(f"port 0 in {base_url!r}")
     origin = Origin(
         url.scheme, url.raw_host, url.port or (443 if url.scheme == "https" else 80), proxy, verify
     )
@@ -154,15 +157,21 @@ def parse_proxy(value: str) -> Proxy:
         raise WireError("must be an http:// or https:// proxy URL (socks is not supported)")
     if url.raw_path not in ("", "/") or url.query_string or url.fragment:
         raise WireError("a proxy URL has no path, query or fragment")
+    host = url.raw_host
+    if any(c.isspace() or not c.isprintable() for c in host):
+        raise WireError("the proxy host contains spaces or control characters")
+    if url.explicit_port == 0:  # not "the default port": nothing listens on port 0
+        raise WireError("port 0 is not a proxy port")
     port = url.port or (443 if url.scheme == "https" else 80)
     authorization = b""
-    shown = f"{url.scheme}://{url.raw_host}:{port}"
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    shown = f"{url.scheme}://{where}"
     if url.raw_user is not None:
         user, password = unquote(url.raw_user), unquote(url.raw_password or "")
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         authorization = f"Proxy-Authorization: Basic {token}\r\n".encode()
-        shown = f"{url.scheme}://{url.raw_user}:***@{url.raw_host}:{port}"
-    return Proxy(url.scheme, url.raw_host, port, authorization, shown)
+        shown = f"{url.scheme}://{url.raw_user}:***@{where}"
+    return Proxy(url.scheme, host, port, authorization, shown)
 
 
 def mask_proxy_url(value: str) -> str:
@@ -204,12 +213,19 @@ def bypassed(host: str, port: int | None, no_proxy: str) -> bool:
             continue
         if entry == "*":
             return True
-        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
-        if entry_port and entry_port.isdigit():
+        if entry.startswith("["):  # a bracketed IPv6 address, with or without a port
+            name, _, entry_port = entry[1:].partition("]")
+            entry_port = entry_port.removeprefix(":")
+        elif entry.count(":") == 1:  # host:port (a bare IPv6 address has more colons)
+            name, _, entry_port = entry.rpartition(":")
+        else:
+            name, entry_port = entry, ""
+        if entry_port:
+            if not entry_port.isdigit():
+                continue  # not an entry that can match anything
             if port != int(entry_port):
                 continue
-            entry = name
-        entry = entry.strip("[]")
+        entry = name
         if address is not None:
             try:
                 if address in ipaddress.ip_network(entry, strict=False):

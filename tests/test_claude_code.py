@@ -1,0 +1,121 @@
+"""The real Claude Code CLI (``claude -p``) through the gateway to the built-in mock upstream.
+
+A wrong ``ANTHROPIC_API_KEY`` must end ``claude -p`` at once with the gateway's message
+(the gateway's 401 carries ``x-should-retry: false``; without it Claude Code retries
+silently for minutes).  Claude Code runs isolated: a temporary HOME and config dir, no
+auto-updater, no non-essential traffic, and only the gateway on 127.0.0.1 to talk to.
+Skipped where ``claude`` (npm install -g @anthropic-ai/claude-code) or node is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ccx_proxy.mock_upstream import DEFAULT_KEY, MockUpstream
+from tests.conftest import ACCESS_KEY
+
+WRONG_KEY_LIMIT = 10.0  # seconds: a wrong key must not make claude -p hang
+ANSWER_LIMIT = 60.0
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+@pytest.fixture
+def claude() -> str:
+    path = shutil.which("claude")
+    if path is None or shutil.which("node") is None:
+        pytest.skip(
+            "Claude Code is not installed: needs node and `claude` on PATH "
+            "(npm install -g @anthropic-ai/claude-code)"
+        )
+    return path
+
+
+@pytest.fixture
+async def gateway_url(aiohttp_server: Any, start_gateway: Any) -> str:
+    mock = await aiohttp_server(MockUpstream().app(), host="127.0.0.1")
+    gateway = await start_gateway(
+        {
+            "name": "mock",
+            "baseUrl": str(mock.make_url("")),
+            "apiKeys": [DEFAULT_KEY],
+            "modelMapping": {"opus": "mock-opus", "sonnet": "mock-sonnet", "haiku": "mock-haiku"},
+        }
+    )
+    assert gateway.host == "127.0.0.1"
+    return str(gateway.make_url("")).rstrip("/")
+
+
+async def _claude_p(claude: str, home: Path, base_url: str, api_key: str, limit: float) -> Run:
+    """``claude -p hi`` with a clean environment; killed (and the test failed) past ``limit``."""
+    config = home / ".claude"
+    config.mkdir()
+    env = {
+        "PATH": os.environ.get("PATH", os.defpath),
+        "HOME": str(home),
+        "CLAUDE_CONFIG_DIR": str(config),
+        "TMPDIR": str(home),
+        "ANTHROPIC_BASE_URL": base_url,
+        "ANTHROPIC_API_KEY": api_key,
+        "DISABLE_AUTOUPDATER": "1",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "DISABLE_TELEMETRY": "1",
+        "DISABLE_ERROR_REPORTING": "1",
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
+    started = time.monotonic()
+    process = await asyncio.create_subprocess_exec(
+        claude,
+        "-p",
+        "hi",
+        cwd=home,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), limit)
+    except TimeoutError:
+        process.kill()
+        out, err = await process.communicate()
+        pytest.fail(
+            f"claude -p still running after {limit:g}s; stdout {out.decode()!r}, stderr {err.decode()!r}"
+        )
+    assert process.returncode is not None
+    return Run(process.returncode, out.decode(), err.decode(), time.monotonic() - started)
+
+
+async def test_wrong_key_ends_claude_at_once_with_the_gateways_message(
+    claude: str, gateway_url: str, tmp_path: Path
+) -> None:
+    run = await _claude_p(claude, tmp_path, gateway_url, "sk-not-the-gateway-key", WRONG_KEY_LIMIT)
+    # Claude Code 2.1 prints: "Failed to authenticate. API Error: 401 invalid access key: ..."
+    assert run.returncode != 0, run
+    assert "401" in run.output, run
+    assert "invalid access key: it does not match the gateway's PROXY_ACCESS_KEY" in run.output, run
+    assert run.seconds < WRONG_KEY_LIMIT
+
+
+async def test_right_key_prints_the_upstreams_answer(claude: str, gateway_url: str, tmp_path: Path) -> None:
+    run = await _claude_p(claude, tmp_path, gateway_url, ACCESS_KEY, ANSWER_LIMIT)
+    assert run.returncode == 0, run
+    assert run.stdout.startswith("Hello from the ccx-proxy mock upstream (mock-"), run
