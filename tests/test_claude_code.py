@@ -119,3 +119,22 @@ async def test_right_key_prints_the_upstreams_answer(claude: str, gateway_url: s
     run = await _claude_p(claude, tmp_path, gateway_url, ACCESS_KEY, ANSWER_LIMIT)
     assert run.returncode == 0, run
     assert run.stdout.startswith("Hello from the ccx-proxy mock upstream (mock-"), run
+
+
+async def test_a_refused_channel_key_ends_claude_at_once_naming_the_operator(
+    claude: str, aiohttp_server: Any, start_gateway: Any, tmp_path: Path
+) -> None:
+    mock = await aiohttp_server(MockUpstream().app(), host="127.0.0.1")
+    gateway = await start_gateway(
+        {"name": "mock", "baseUrl": str(mock.make_url("")), "apiKeys": ["sk-revoked-upstream-key-0000"]}
+    )
+    url = str(gateway.make_url("")).rstrip("/")
+    run = await _claude_p(claude, tmp_path, url, ACCESS_KEY, WRONG_KEY_LIMIT)
+    # The upstream's 401 is about the channel's key: the gateway's 502 (x-should-retry: false)
+    # ends claude at once instead of "Repeated 529 Overloaded errors" after retries.
+    assert run.returncode != 0, run
+    # Claude Code 2.1 prints: "API Error: 502 upstream channel 'mock' refused the gateway's key
+    # (401 authentication_error); the gateway's operator must fix ... check your inference gateway"
+    assert "API Error: 502 upstream channel 'mock' refused the gateway's key (401" in run.output, run
+    assert "sk-revoked-upstream-key-0000" not in run.output
+    assert run.seconds < WRONG_KEY_LIMIT

@@ -354,24 +354,26 @@ async def test_keepalive_comments_only_at_event_boundaries(start_gateway, fake_u
 
 async def test_slow_reader_pauses_the_upstream_and_gets_every_byte(start_gateway, fake_upstream) -> None:
     chunk = b"event: content_block_delta\ndata: " + (b"x" * 16_000) + b"\n\n"
-    big = [chunk] * 2000 + [b"event: message_stop\ndata: {}\n\n"]  # 32 MB
+    big = [chunk] * 4000 + [b"event: message_stop\ndata: {}\n\n"]  # 64 MB
     total = sum(map(len, big))
     fake_upstream.reply = Reply(chunks=big)
     client = await start_gateway(channel("a", fake_upstream.url))
     resp = await client.post("/v1/messages", data=message_body(), headers=AUTH)
     received = bytearray(await resp.content.readany())
     # The client stops reading.  Flow control must stop the upstream too: its writes stall
-    # once the gateway's buffer (256 KB) and the sockets' buffers are full, far short of
-    # the whole 32 MB.  Without it the gateway would read everything into memory.
+    # once the gateway's buffer (256 KB) and the sockets' buffers (about 12 MB on loopback
+    # here, autotuned) are full, far short of the whole 64 MB.  Without it the gateway
+    # would read everything into memory.
     last, still = -1, 0
     async with asyncio.timeout(10):
         while still < 5:  # unchanged over five looks 50 ms apart: stalled
             await asyncio.sleep(0.05)
             still = still + 1 if fake_upstream.sent == last else 0
             last = fake_upstream.sent
-    assert fake_upstream.sent < total // 3, (fake_upstream.sent, total)
-    while data := await resp.content.read(1 << 20):
+    stalled_at = fake_upstream.sent
+    while data := await resp.content.read(1 << 20):  # read on before asserting: no hung teardown
         received += data
+    assert stalled_at < total // 2, (stalled_at, total)
     assert bytes(received) == b"".join(big)
 
 
@@ -427,10 +429,12 @@ async def test_an_upstream_echoing_the_key_in_its_error_never_shows_it(start_gat
             "error": {"type": "authentication_error", "message": f"key {UPSTREAM_KEY} was revoked"},
         }
     )
-    fake_upstream.reply = Reply(status=401, headers=ERROR_JSON, chunks=[body])
+    # A 400 is relayed with the upstream's own body (401s become the gateway's 502: see
+    # test_availability), with the key in it masked.
+    fake_upstream.reply = Reply(status=400, headers=ERROR_JSON, chunks=[body])
     client = await start_gateway(channel("a", fake_upstream.url))
     resp, raw = await _post(client)
-    assert resp.status == 502  # the channel's key, not the client's: see test_availability
+    assert resp.status == 400
     _no_secret(raw, resp)
     assert "sk-…wxyz was revoked".encode() in raw
 

@@ -306,11 +306,12 @@ async def _attempt(
     masked = mask_secret(attempt.api_key)  # only on the failure path: it costs a little on every request
     req.outcome.tried.append(f"{channel.name} key {masked}: upstream {status}")
     log.warning(
-        "channel %r (%s, key %s): upstream answered %d, failing over",
+        "channel %r (%s, key %s): upstream answered %d, failing over: %s",
         channel.name,
         endpoint.origin.host,
         masked,
         status,
+        body[:300].decode("utf-8", "replace"),  # keys already masked
     )
     policy = req.policy
     if status == RATE_LIMITED:

@@ -56,13 +56,13 @@ async def _read_body(request: web.Request, gateway: Gateway) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _upstream_message(body: bytes) -> str:
-    """The message of an (already key-masked) upstream error body, for a gateway error."""
+def _upstream_error_type(body: bytes) -> str:
+    """The ``error.type`` of an upstream error body, or a placeholder."""
     try:
-        message = orjson.loads(body)["error"]["message"]
+        kind = orjson.loads(body)["error"]["type"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
-        message = body[:200].decode("utf-8", "replace")
-    return str(message)[:300] or "no details"
+        return "error"
+    return kind if isinstance(kind, str) and kind.isidentifier() else "error"
 
 
 def _too_large(limit: int) -> RequestTooLarge:
@@ -113,10 +113,12 @@ async def _forward(request: web.Request, *, count_tokens: bool) -> web.StreamRes
             raise exhausted(result, field.name)
         if last.status in KEY_REJECTED:
             # The upstream refused the channel's key, not the client's: no client retry helps.
+            # (Its own message stays in the gateway's log: echoed here, words like "x-api-key"
+            # make Claude Code print "Invalid API key", blaming the client's key.)
             raise UpstreamKeyRejected(
-                f"upstream channel {last.channel!r} refused the gateway's key ({last.status}): "
-                f"{_upstream_message(last.body)}; the gateway's operator must fix the channel's apiKeys "
-                "-- your own key is fine"
+                f"upstream channel {last.channel!r} refused the gateway's key ({last.status} "
+                f"{_upstream_error_type(last.body)}); the gateway's operator must fix the channel's "
+                "apiKeys -- your own key is fine"
             )
         last.headers[CHANNEL_HEADER] = last.channel
         return web.Response(status=last.status, reason=last.reason, headers=last.headers, body=last.body)

@@ -73,7 +73,7 @@ class Response:
         "_reason",
         "_head_size",
         "_head_bytes",
-        "_until_eof",
+        "_feeding",
         "_fed",
         "_buffer",
         "_size",
@@ -85,6 +85,7 @@ class Response:
         "_deadline",
         "_last",
         "_timer",
+        "on_body",
     )
 
     def __init__(
@@ -98,15 +99,19 @@ class Response:
         self.keep_alive = False
         self._link = link
         self._loop = loop
+        self._buffer: list[bytes] = []
+        # llhttp hands over each de-framed piece of body (one per chunk of a chunked body):
+        # straight into the buffer, with no Python frame per piece.  feed() does the
+        # accounting once per read.
+        self.on_body = self._buffer.append
         self._parser = httptools.HttpResponseParser(self)
         self._raw: list[tuple[bytes, bytes]] = []
         self._reason = b""
         self._head_size = 0
         self._head_bytes = 0  # bytes fed while still in HEAD: httptools holds a header until it ends
-        self._until_eof = False  # the body ends when the connection closes
+        self._feeding = 0  # the size of the read being parsed
         self._fed = False  # any byte at all, 1xx interim responses included
-        self._buffer: list[bytes] = []
-        self._size = 0
+        self._size = 0  # bytes fed since the reader last took the buffer: the flow-control measure
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._head_waiter: asyncio.Future[None] = loop.create_future()
@@ -128,8 +133,15 @@ class Response:
             return
         self._fed = True
         self._last = self._loop.time()
+        self._feeding = len(data)
         try:
             self._parser.feed_data(data)
+            if self._buffer:
+                self._size += len(data)
+                self._wake()
+                if self._size > HIGH_WATER and not self._paused:
+                    self._paused = True  # a slow reader: stop reading the upstream until it catches up
+                    self._link.pause()
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, _Stop):
@@ -159,9 +171,10 @@ class Response:
         self._count(len(reason))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value) + 4)
-        if self.state is State.HEAD:  # later: a trailer section, not passed on
+        if self.state is State.HEAD:  # sized when the head is complete
             self._raw.append((name, value))
+        else:  # a trailer section: never passed on, only bounded
+            self._count(len(name) + len(value) + 4)
 
     def _count(self, n: int) -> None:
         self._head_size += n
@@ -176,11 +189,13 @@ class Response:
             raise BadResponse(f"HTTP/{self._parser.get_http_version()} is not HTTP/1.x")
         if status < 200:
             return  # 1xx interim (100 Continue, 103 Early Hints): skipped, the head comes next
-        headers: CIMultiDict[str] = CIMultiDict()
-        add = headers.add
-        for name, value in self._raw:
-            add(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
-        self._raw.clear()
+        raw = self._raw
+        if self._head_bytes + self._feeding > MAX_HEAD:  # only then can the head be too large
+            size = self._head_size + sum(len(n) + len(v) + 4 for n, v in raw)
+            if size > MAX_HEAD:
+                raise BadResponse(f"response head or trailers over {MAX_HEAD // 1024} KB")
+        headers = CIMultiDict([(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in raw])
+        raw.clear()
         self.status = status
         self.reason = self._reason.decode("latin-1")
         self.headers = CIMultiDictProxy(headers)
@@ -188,23 +203,10 @@ class Response:
         self.content_type = (
             content_type.partition(";")[0].strip().lower() if content_type else "application/octet-stream"
         )
-        self._until_eof = (
-            status not in (204, 304) and "Content-Length" not in headers and not _chunked(headers)
-        )
         self.state = State.BODY
         self._head_size = 0
         if not self._head_waiter.done():
             self._head_waiter.set_result(None)
-
-    def on_body(self, body: bytes) -> None:
-        self._buffer.append(body)
-        self._size += len(body)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-        if self._size > HIGH_WATER and not self._paused:
-            self._paused = True  # a slow reader: stop reading the upstream until it catches up
-            self._link.pause()
 
     def on_message_complete(self) -> None:
         if self.state is State.HEAD:
@@ -221,7 +223,7 @@ class Response:
         state = self.state
         if state is State.DONE or state is State.ERROR:
             return
-        if state is State.BODY and self._until_eof and exc is None:
+        if state is State.BODY and exc is None and _until_eof(self.status, self.headers):
             self.keep_alive = False
             self.state = State.DONE  # the body was delimited by the close
             self._cancel_timer()
@@ -356,7 +358,10 @@ class Response:
         return self.state is State.DONE and self.keep_alive and not self._buffer
 
 
-def _chunked(headers: CIMultiDict[str]) -> bool:
-    """Whether the last transfer coding, across every Transfer-Encoding line, is chunked."""
+def _until_eof(status: int, headers: CIMultiDictProxy[str]) -> bool:
+    """Whether a body is delimited by the connection's close (RFC 9112 section 6.3): no
+    Content-Length, and chunked is not the last coding across every Transfer-Encoding line."""
+    if status in (204, 304) or "Content-Length" in headers:
+        return False
     codings = ",".join(headers.getall("Transfer-Encoding", ()))
-    return bool(codings) and codings.rsplit(",", 1)[-1].strip().lower() == "chunked"
+    return not codings or codings.rsplit(",", 1)[-1].strip().lower() != "chunked"
