@@ -107,7 +107,8 @@ class _Request:
         "started",
         "deadline",
         "budget",
-        "outcome",
+        "attempts",
+        "_outcome",
     )
 
     def __init__(
@@ -129,11 +130,19 @@ class _Request:
         self.client_headers = client_headers
         self.query = query
         self.count_tokens = count_tokens
-        self.loop = asyncio.get_running_loop()
+        self.loop = client.loop
         self.started = self.loop.time()
         self.deadline = self.started + policy.failoverDeadlineMs / 1000
         self.budget = policy.maxAttempts or 1 << 30
-        self.outcome = Outcome()
+        self.attempts = 0
+        self._outcome: Outcome | None = None  # made on the first failure: none on the happy path
+
+    @property
+    def outcome(self) -> Outcome:
+        outcome = self._outcome
+        if outcome is None:
+            outcome = self._outcome = Outcome()
+        return outcome
 
     def spent(self) -> bool:
         if self.budget <= 0 or self.loop.time() >= self.deadline:
@@ -154,14 +163,13 @@ async def connect(
     count_tokens: bool,
 ) -> Connected | Outcome:
     req = _Request(client, registry, policy, body, model, client_headers, query, count_tokens)
-    outcome = req.outcome
     held: list[_Held] = []
     for candidate in candidates:
         channel = candidate.channel
         health = registry.channel(channel.name, channel.breaker)
         now = registry.clock()
         if not health.available(now):
-            outcome.tried.append(f"{channel.name}: {_unavailable(health, now)}")
+            req.outcome.tried.append(f"{channel.name}: {_unavailable(health, now)}")
             _hold_channel(held, candidate, health, now)
             continue
         next_channel = False
@@ -170,19 +178,19 @@ async def connect(
                 key = health.key(api_key, channel.breaker)
                 now = registry.clock()
                 if key.disabled or not key.available(now, candidate.model):
-                    outcome.tried.append(
+                    req.outcome.tried.append(
                         f"{channel.name} key {mask_secret(api_key)}: {_key_state(key, now, candidate.model)}"
                     )
                     if key.disabled:
-                        outcome.rejected_keys.append(f"{channel.name} key {mask_secret(api_key)}")
+                        req.outcome.rejected_keys.append(f"{channel.name} key {mask_secret(api_key)}")
                     else:
                         held.append(_Held(key.usable_at(now, candidate.model), candidate, urls, index))
                     continue
                 if req.spent():
-                    return outcome
+                    return req.outcome
                 attempt = Attempt(registry, channel, health, key, api_key, candidate.model)
                 if not attempt.acquire(now):
-                    outcome.tried.append(f"{channel.name}: {_unavailable(health, now)}")
+                    req.outcome.tried.append(f"{channel.name}: {_unavailable(health, now)}")
                     held.append(_Held(health.usable_at(now), candidate, urls, index))
                     next_channel = True
                     break
@@ -196,6 +204,7 @@ async def connect(
                     break
             if next_channel:
                 break
+    outcome = req.outcome
     if held:
         now = registry.clock()
         soonest = min(held, key=lambda h: h.at)
@@ -225,6 +234,7 @@ async def connect(
         # attempt may just have reopened a breaker for longer).
         now = registry.clock()
         outcome.retry_after = min(_frees_at(registry, h, now) for h in held) - now
+    outcome.attempts = req.attempts
     return outcome
 
 
@@ -260,7 +270,7 @@ async def _attempt(
     endpoint = urls.count_tokens if req.count_tokens else urls.messages
     timeouts = channel.timeouts
     req.budget -= 1
-    req.outcome.attempts += 1
+    req.attempts += 1
     try:
         response = await req.client.request(
             endpoint,

@@ -8,8 +8,6 @@ candidate; after, a failure ends the stream with an SSE ``error`` event.
 
 from __future__ import annotations
 
-import asyncio
-
 import orjson
 from aiohttp import web
 
@@ -73,7 +71,7 @@ def _too_large(limit: int) -> RequestTooLarge:
 
 async def _forward(request: web.Request, *, count_tokens: bool) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
-    loop = asyncio.get_running_loop()
+    loop = gateway.client.loop
     gateway.access_keys.check(request.headers)
     body = await _read_body(request, gateway)
     field = find_model(body)
@@ -134,7 +132,9 @@ async def _forward(request: web.Request, *, count_tokens: bool) -> web.StreamRes
     finished = False
     try:
         if upstream.content_type == _SSE:
-            response = await relay_sse(request, upstream, headers, channel.name, channel.timeouts, attempt)
+            response = await relay_sse(
+                request, upstream, headers, channel.name, channel.timeouts, attempt, loop
+            )
         else:
             upstream.set_read_timeout(channel.timeouts.inactivity)
             try:

@@ -115,6 +115,7 @@ async def relay_sse(
     channel: str,
     timeouts: Timeouts,
     attempt: Attempt,
+    loop: asyncio.AbstractEventLoop,
 ) -> web.StreamResponse:
     headers["X-Accel-Buffering"] = "no"
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
@@ -122,7 +123,6 @@ async def relay_sse(
     upstream.set_read_timeout(timeouts.inactivity)  # headers are in: idle limit from now on
     encoded = "Content-Encoding" in upstream.headers
     inspect = upstream.status == 200 and not encoded
-    loop = asyncio.get_running_loop()
     use_keepalive = inspect and timeouts.keepaliveMs > 0
     keepalive: _Keepalive | None = None
     read = upstream.readany

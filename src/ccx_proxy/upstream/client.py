@@ -29,6 +29,13 @@ class UpstreamClient:
         self.pool = Pool(keepalive_timeout, ssl_context)
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop this client runs on, bound at first use: asyncio.get_running_loop()
+        costs a getpid() system call on every call (its fork check), so the hot path asks
+        once."""
+        return self.pool.loop
+
+    @property
     def closed(self) -> bool:
         return self.pool.closed
 
@@ -52,7 +59,7 @@ class UpstreamClient:
         if self.pool.closed:
             raise RuntimeError("the upstream client is closed")
         head = endpoint.head(query, header_block, len(body))
-        loop = asyncio.get_running_loop()
+        loop = self.pool.loop
         origin = endpoint.origin
         conn = self.pool.take(origin, loop.time())
         if conn is not None:

@@ -27,12 +27,14 @@ else:  # pragma: no cover
     _OUTQ = None
 
 
-def _all_sent(transport: asyncio.Transport) -> bool:
+def _all_sent(transport: asyncio.Transport, big: bool) -> bool:
     """Whether every byte written has reached the upstream.  The transport's own buffer
     is not enough: behind TLS it leaves out the socket transport's buffer, and either
     way the kernel may still hold the tail of a body the upstream stopped reading."""
     if transport.get_write_buffer_size():
         return False
+    if not big:
+        return True
     sock = transport.get_extra_info("socket")
     if _OUTQ is None or sock is None:
         return True
@@ -41,6 +43,12 @@ def _all_sent(transport: asyncio.Transport) -> bool:
     except (OSError, ValueError):
         return False
     return int(queued) == 0
+
+
+# A request smaller than this fits the upstream's receive window at once: once a complete
+# response is in, every byte of it was acknowledged (the upstream's segments carry the ACK).
+# Only larger ones pay for the kernel check in _all_sent (a system call).
+_SURELY_ACKED = 64 * 1024
 
 
 class Pool(Protocol):
@@ -52,7 +60,7 @@ class Pool(Protocol):
 
 
 class Connection(asyncio.Protocol):
-    __slots__ = ("pool", "origin", "transport", "response", "closed")
+    __slots__ = ("pool", "origin", "transport", "response", "closed", "_big")
 
     def __init__(self, pool: Pool, origin: Origin) -> None:
         self.pool = pool
@@ -60,6 +68,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.response: Response | None = None
         self.closed = False
+        self._big = False  # the last request body may not all have reached the upstream yet
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -91,6 +100,7 @@ class Connection(asyncio.Protocol):
         self.response = response
         transport = self.transport
         assert transport is not None
+        self._big = len(body) >= _SURELY_ACKED
         if len(body) < 16384:
             transport.write(head + body)
         else:  # no copy of a large body just to prepend the head
@@ -119,7 +129,7 @@ class Connection(asyncio.Protocol):
             and response.reusable
             and self.usable
             and transport is not None
-            and _all_sent(transport)
+            and _all_sent(transport, self._big)
         ):
             self.response = None
             self.pool.put(self)

@@ -31,7 +31,15 @@ class Pool:
         self._all: set[Connection] = set()
         self._verified = ssl_context  # None: the system's trust store, made on first use
         self._unverified: ssl.SSLContext | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     # -- handing out and taking back ----------------------------------------------------
 
@@ -52,7 +60,7 @@ class Pool:
         if self.closed:
             conn.close()
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self._idle.setdefault(conn.origin, {})[conn] = loop.time()
         if self._sweeper is None:
             self._sweeper = loop.call_later(self._keepalive / 3, self._sweep)
@@ -65,7 +73,7 @@ class Pool:
 
     def _sweep(self) -> None:
         self._sweeper = None
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         oldest_ok = loop.time() - self._keepalive
         for origin, idle in list(self._idle.items()):
             for conn, since in list(idle.items()):  # oldest first
@@ -122,7 +130,7 @@ class Pool:
         return conn
 
     async def _open(self, origin: Origin) -> Connection:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         proxy = origin.proxy
         if proxy is None:
             context = self.ssl_context(origin.verify) if origin.tls else None

@@ -104,7 +104,10 @@ class Response:
         # straight into the buffer, with no Python frame per piece.  feed() does the
         # accounting once per read.
         self.on_body = self._buffer.append
-        self._parser = httptools.HttpResponseParser(self)
+        # The parser refers back to this object (its callbacks): a cycle that only the
+        # garbage collector could break.  It is dropped as soon as the response is done
+        # with (release, close, failure), so responses are freed by reference counting.
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._raw: list[tuple[bytes, bytes]] = []
         self._reason = b""
         self._head_size = 0
@@ -134,8 +137,11 @@ class Response:
         self._fed = True
         self._last = self._loop.time()
         self._feeding = len(data)
+        parser = self._parser
+        if parser is None:  # released or closed: nothing more is read
+            return
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
             if self._buffer:
                 self._size += len(data)
                 self._wake()
@@ -182,11 +188,13 @@ class Response:
             raise BadResponse(f"response head or trailers over {MAX_HEAD // 1024} KB")
 
     def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
+        parser = self._parser
+        assert parser is not None  # callbacks run inside feed_data
+        status = parser.get_status_code()
         if status == 101 or not 100 <= status <= 599:
             raise BadResponse(f"status {status} is not a valid final response here")
-        if self._parser.get_http_version() not in ("1.1", "1.0"):
-            raise BadResponse(f"HTTP/{self._parser.get_http_version()} is not HTTP/1.x")
+        if parser.get_http_version() not in ("1.1", "1.0"):
+            raise BadResponse(f"HTTP/{parser.get_http_version()} is not HTTP/1.x")
         if status < 200:
             return  # 1xx interim (100 Continue, 103 Early Hints): skipped, the head comes next
         raw = self._raw
@@ -211,6 +219,7 @@ class Response:
     def on_message_complete(self) -> None:
         if self.state is State.HEAD:
             return  # the end of a 1xx interim response
+        assert self._parser is not None
         self.keep_alive = self._parser.should_keep_alive()
         self.state = State.DONE
         self._cancel_timer()
@@ -240,6 +249,7 @@ class Response:
         if self.state is State.ERROR or self.state is State.DONE:
             return
         self.state = State.ERROR
+        self._parser = None
         self._exc = exc
         self.keep_alive = False
         self._cancel_timer()
@@ -345,11 +355,13 @@ class Response:
     def release(self) -> None:
         """Done with the response: its connection is pooled if it ended cleanly, else aborted."""
         self._cancel_timer()
+        self._parser = None
         self._link.release(self)
 
     def close(self) -> None:
         """Done early (or failed): the connection is aborted, never reused."""
         self._fail(Disconnected("the response was abandoned before its end"))
+        self._parser = None
         self._link.abort()
 
     @property
