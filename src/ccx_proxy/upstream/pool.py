@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
+from typing import TypeVar
 
 from .connection import Connection
 from .errors import ConnectFailed, ConnectTimeout, ProxyFailed
@@ -17,6 +19,7 @@ from .proxy import Tunnel
 from .wire import Origin
 
 KEEPALIVE_TIMEOUT = 30.0
+P = TypeVar("P", bound=asyncio.Protocol)
 NEVER = float("inf")
 
 
@@ -130,35 +133,17 @@ class Pool:
         return conn
 
     async def _open(self, origin: Origin) -> Connection:
-        loop = self.loop
         proxy = origin.proxy
         if proxy is None:
             context = self.ssl_context(origin.verify) if origin.tls else None
-            _, conn = await loop.create_connection(
-                lambda: Connection(self, origin),
-                origin.host,
-                origin.port,
-                ssl=context,
-                server_hostname=origin.host if context is not None else None,
-            )
+            _, conn = await self._dial(lambda: Connection(self, origin), origin.host, origin.port, context)
             return conn
         proxy_tls = self.ssl_context(True) if proxy.scheme == "https" else None
         if not origin.tunnel:  # a plain-HTTP origin: requests go to the proxy in absolute form
-            _, conn = await loop.create_connection(
-                lambda: Connection(self, origin),
-                proxy.host,
-                proxy.port,
-                ssl=proxy_tls,
-                server_hostname=proxy.host if proxy_tls is not None else None,
-            )
+            _, conn = await self._dial(lambda: Connection(self, origin), proxy.host, proxy.port, proxy_tls)
             return conn
-        transport, tunnel = await loop.create_connection(
-            lambda: Tunnel(origin, proxy),
-            proxy.host,
-            proxy.port,
-            ssl=proxy_tls,
-            server_hostname=proxy.host if proxy_tls is not None else None,
-        )
+        transport, tunnel = await self._dial(lambda: Tunnel(origin, proxy), proxy.host, proxy.port, proxy_tls)
+        loop = self.loop
         try:
             await tunnel.established
             conn = Connection(self, origin)
@@ -177,6 +162,15 @@ class Pool:
             raise
         conn.connection_made(tls)
         return conn
+
+    async def _dial(
+        self, factory: Callable[[], P], host: str, port: int, tls: ssl.SSLContext | None
+    ) -> tuple[asyncio.Transport, P]:
+        """A TCP connection (TLS when ``tls`` is given, checked against ``host``)."""
+        transport, protocol = await self.loop.create_connection(
+            factory, host, port, ssl=tls, server_hostname=host if tls is not None else None
+        )
+        return transport, protocol
 
     def ssl_context(self, verify: bool) -> ssl.SSLContext:
         if verify:
