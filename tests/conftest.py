@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from ccx_proxy.app import create_app
 from ccx_proxy.config import GatewayConfig, parse_config
 from ccx_proxy.health import Clock
+from ccx_proxy.server import install, server_kwargs
 from ccx_proxy.settings import Settings
 
 ACCESS_KEY = "test-access-key-0123456789"
@@ -171,8 +172,12 @@ def start_gateway(aiohttp_client: Any) -> GatewayFactory:
         clock: Clock | None = None,
         **top: Any,
     ) -> TestClient[Any, Any]:
-        app = create_app(settings or make_settings(), make_config(*channels, **top), clock)
-        client: TestClient[Any, Any] = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+        settings = settings or make_settings()
+        app = create_app(settings, make_config(*channels, **top), clock)
+        client: TestClient[Any, Any] = await aiohttp_client(app, server_kwargs=server_kwargs(settings))
+        server = client.server.runner.server
+        assert server is not None
+        install(server, settings)  # the gateway's own client-side handler
         return client
 
     return start

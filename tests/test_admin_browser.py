@@ -167,7 +167,7 @@ def test_console_signs_in_adds_tests_and_routes_a_channel(
     tab.get_by_role("button", name="Sign in").click()
     demo_row = tab.locator('tr[data-name="demo-mock"]:not(.note-row)')
     expect(demo_row).to_contain_text("mock-opus")
-    expect(demo_row).to_contain_text("moc…-key")  # masked
+    expect(demo_row).to_contain_text("…-key")  # masked
     assert tab.evaluate("sessionStorage.getItem('ccx-admin-key')") == ADMIN_KEY
     assert ADMIN_KEY not in tab.url
 
@@ -206,7 +206,7 @@ def test_console_signs_in_adds_tests_and_routes_a_channel(
     form.get_by_role("button", name="Save channel").click()
     expect(form).to_be_hidden()
     row = tab.locator('tr[data-name="browser-added"]:not(.note-row)')
-    expect(row).to_contain_text("moc…-key")
+    expect(row).to_contain_text("…-key")
     expect(row.locator("td.num")).to_have_text("0")
     expect(tab.get_by_role("button", name="Edit browser-added")).to_be_focused()
 

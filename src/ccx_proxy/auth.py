@@ -17,11 +17,13 @@ class AccessKeys:
         if not self._keys:
             raise ValueError("at least one access key is required")
         hint = " (ANTHROPIC_API_KEY)" if variable == "PROXY_ACCESS_KEY" else ""
-        self._missing = AuthenticationFailed(
+        # Messages, not exception objects: an exception raised again and again would grow
+        # one traceback forever (every raise appends its frames).
+        self._missing = (
             f"missing access key: send the gateway's {variable} as x-api-key{hint} "
             "or as Authorization: Bearer"
         )
-        self._wrong = AuthenticationFailed(f"invalid access key: it does not match the gateway's {variable}")
+        self._wrong = f"invalid access key: it does not match the gateway's {variable}"
 
     def matches(self, candidate: str) -> bool:
         given = candidate.encode("utf-8", "surrogateescape")
@@ -34,6 +36,6 @@ class AccessKeys:
     def check(self, headers: Mapping[str, str]) -> None:
         candidate = client_key(headers)
         if candidate is None:
-            raise self._missing
+            raise AuthenticationFailed(self._missing)
         if not self.matches(candidate):
-            raise self._wrong
+            raise AuthenticationFailed(self._wrong)

@@ -13,12 +13,14 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from . import __version__, benchmark
+from . import __version__, benchmark, redact
 from .app import WATCHER, create_app
 from .config import ConfigError, GatewayConfig, load_config
 from .headers import mask_secret
 from .mock_upstream import DEFAULT_KEY, DEFAULT_PORT, MockUpstream
+from .server import install, server_kwargs
 from .settings import Settings, SettingsError
+from .state import GATEWAY
 from .workers import WorkersError, serve_workers, worker_count
 
 log = logging.getLogger("ccx_proxy")
@@ -66,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=os.environ.get("LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    redact.install()  # every log record, aiohttp's included, has its secrets masked
     if args.command == "check-config":
         return check_config(args.config)
     if args.command == "bench":
@@ -105,6 +108,7 @@ def serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"ccx-proxy: {exc}", file=sys.stderr)
         return 2
+    redact.REDACTOR.set_keys((*settings.access_keys, *settings.admin_keys))
     config = _load(settings.channels_file)
     if config is None:
         return 1
@@ -128,7 +132,9 @@ def serve(args: argparse.Namespace) -> int:
         )
     else:
         log.info("admin API and console disabled: set ADMIN_ACCESS_KEY (not the proxy key) to enable /admin/")
-    apps = [(create_app(settings, config), settings.host, settings.port)]
+    gateway_app = create_app(settings, config)
+    redact.REDACTOR.follow(lambda: gateway_app[GATEWAY].runtime.config)  # reloads included
+    apps = [(gateway_app, settings.host, settings.port)]
     if args.with_mock_upstream:
         key = os.environ.get("MOCK_UPSTREAM_KEY") or DEFAULT_KEY
         apps.append((MockUpstream(key).app(), "127.0.0.1", args.mock_port))
@@ -166,8 +172,15 @@ async def _serve_apps(
     runners = []
     try:
         for app, host, port in apps:
-            runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-            await runner.setup()
+            gateway = app.get(GATEWAY)
+            if gateway is not None:  # the gateway: its client-side limits (ccx_proxy.server)
+                runner = web.AppRunner(app, access_log=None, **server_kwargs(gateway.settings))
+                await runner.setup()
+                assert runner.server is not None
+                install(runner.server, gateway.settings)
+            else:
+                runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+                await runner.setup()
             runners.append(runner)
             try:
                 # backlog: bursts of new streams overflowed the default 128 (SYN retries cost 1 s)

@@ -107,7 +107,8 @@ class Channel:
     # Per key: the upstream request's channel header lines (key + customHeaders), as bytes.
     header_lines: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
     custom_names: frozenset[bytes] = field(init=False, repr=False, compare=False)
-    # What must never reach a client: keys and customHeaders values (masked in error bodies).
+    # What must never reach a client or a log: keys and customHeaders values (masked in error
+    # answers' bodies, headers and reason, and in log lines: see redact.py).
     secrets: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -343,17 +344,54 @@ class _Fields:
         return value
 
 
-def _expand(value: str, env: Mapping[str, str]) -> tuple[str, list[str]]:
+# The gateway's own secrets: a channel can never name them (see _expand).
+GATEWAY_SECRETS = ("PROXY_ACCESS_KEY", "EXTRA_PROXY_ACCESS_KEYS", "ADMIN_ACCESS_KEY")
+
+
+def _expand(value: str, env: Mapping[str, str]) -> tuple[str, list[str], list[str]]:
+    """``value`` with its ``${VAR}`` references resolved; the variables that are not set; and
+    why references were refused, for handing the gateway's own secrets to an upstream.
+
+    A refused reference is never resolved, so no later message can quote its value: one of
+    GATEWAY_SECRETS, or a variable whose value holds one of their keys (an alias)."""
     missing: list[str] = []
+    refused: list[str] = []
 
     def sub(m: re.Match[str]) -> str:
         var = m.group(1)
+        if var in GATEWAY_SECRETS:
+            refused.append(f"${{{var}}} is the gateway's own secret")
+            return m.group(0)
         if var not in env or env[var] == "":
             missing.append(var)
             return m.group(0)
+        owner = _owner(env[var], env)
+        if owner is not None:
+            refused.append(f"${{{var}}} holds the value of the gateway's own {owner}")
+            return m.group(0)
         return env[var]
 
-    return _ENV_REF.sub(sub, value), missing
+    return _ENV_REF.sub(sub, value), missing, refused
+
+
+def _owner(value: str, env: Mapping[str, str]) -> str | None:
+    """Which of the gateway's own secrets ``value`` holds, if any (a key of 8 characters or
+    more anywhere in it, a shorter one as the whole value)."""
+    for name in GATEWAY_SECRETS:
+        raw = env.get(name, "")
+        for key in raw.split(",") if name.startswith("EXTRA_") else (raw,):
+            key = key.strip()
+            if key and (key in value if len(key) >= 8 else key == value.strip()):
+                return name
+    return None
+
+
+def _refusal(refused: list[str]) -> str:
+    return (
+        f"{'; '.join(refused)}: a channel may not use PROXY_ACCESS_KEY, EXTRA_PROXY_ACCESS_KEYS "
+        "or ADMIN_ACCESS_KEY (its values are sent to the channel's upstream, which anyone who can "
+        "edit channels chooses) -- give the channel the upstream's own key"
+    )
 
 
 def _parse_channel(
@@ -405,7 +443,10 @@ def _parse_channel(
                 f.problem(f"apiKeys[{i}]", "must be a non-empty string")
                 continue
             key_refs.append(ref.strip())
-            resolved, missing = _expand(ref.strip(), env)
+            resolved, missing, refused = _expand(ref.strip(), env)
+            if refused:
+                f.problem(f"apiKeys[{i}]", _refusal(refused))
+                continue
             if missing:
                 if active:
                     f.problem(
@@ -438,8 +479,10 @@ def _parse_channel(
             elif hname.lower() in RESERVED_CUSTOM:
                 f.problem(f"customHeaders.{hname}", "is managed by the gateway and cannot be set")
             else:
-                value, missing = _expand(hvalue, env)
-                if missing and active:
+                value, missing, refused = _expand(hvalue, env)
+                if refused:
+                    f.problem(f"customHeaders.{hname}", _refusal(refused))
+                elif missing and active:
                     f.problem(
                         f"customHeaders.{hname}",
                         f"environment variable {', '.join(missing)} is not set",
@@ -511,7 +554,10 @@ def _egress(
     # The same list, in the same order, as Channel builds its endpoints from.
     bases = list(dict.fromkeys(u.strip() for u in (base_url or "", *(base_urls or ())) if u))
     if raw.strip():
-        value, missing = _expand(raw.strip(), env)
+        value, missing, refused = _expand(raw.strip(), env)
+        if refused:
+            f.problem("proxyUrl", _refusal(refused))
+            return raw, ()
         if missing:
             if active:
                 f.problem("proxyUrl", f"environment variable {', '.join(missing)} is not set")

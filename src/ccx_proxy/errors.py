@@ -13,15 +13,19 @@ The tree (status / Anthropic ``error.type``)::
     ├── PermissionDenied              403 permission_error
     ├── NotFound                      404 not_found_error
     │   └── ModelNotFound             404 not_found_error  ("model_not_found: ...")
+    ├── RequestTimeout                408 invalid_request_error  (the body stopped arriving)
     ├── Conflict                      409 conflict_error  (stale If-Match on admin writes)
     ├── RequestTooLarge               413 request_too_large
+    ├── UnsupportedEncoding           415 invalid_request_error  (a compressed request body)
+    ├── HeaderTooLarge                431 invalid_request_error
     ├── RateLimited                   429 rate_limit_error
     ├── UpstreamUnreachable           502 api_error
     │   └── UpstreamKeyRejected       502 api_error  (the channel's key refused: 401/402/403)
     ├── NoChannelAvailable            503 overloaded_error
+    ├── Overloaded                    529 overloaded_error  (maxConcurrentStreams reached)
     └── UpstreamTimeout               504 timeout_error
 
-Errors a retry cannot fix (400, 401, 403, 404, 405, 409, 413, and a 502 for a
+Errors a retry cannot fix (400, 401, 403, 404, 405, 409, 413, 415, 431, and a 502 for a
 channel key the upstream refused) carry
 ``x-should-retry: false``, so Claude Code and the SDKs stop at once instead of
 retrying for minutes; 429 and 503 carry ``Retry-After``.
@@ -92,6 +96,13 @@ class ModelNotFound(NotFound):
         self.model = model
 
 
+class RequestTimeout(GatewayError):
+    """The client stopped sending its request body (CLIENT_BODY_TIMEOUT_MS)."""
+
+    status = 408
+    error_type = "invalid_request_error"
+
+
 class Conflict(GatewayError):
     status = 409
     error_type = "conflict_error"
@@ -101,6 +112,18 @@ class Conflict(GatewayError):
 class RequestTooLarge(GatewayError):
     status = 413
     error_type = "request_too_large"
+    retryable = False
+
+
+class UnsupportedEncoding(GatewayError):
+    status = 415
+    error_type = "invalid_request_error"
+    retryable = False
+
+
+class HeaderTooLarge(GatewayError):
+    status = 431
+    error_type = "invalid_request_error"
     retryable = False
 
 
@@ -123,6 +146,13 @@ class UpstreamKeyRejected(UpstreamUnreachable):
 
 class NoChannelAvailable(GatewayError):
     status = 503
+    error_type = "overloaded_error"
+
+
+class Overloaded(GatewayError):
+    """The gateway itself is at its limit (maxConcurrentStreams)."""
+
+    status = 529
     error_type = "overloaded_error"
 
 

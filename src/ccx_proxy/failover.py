@@ -30,7 +30,7 @@ from multidict import CIMultiDict
 
 from .body import ModelField, replace_model
 from .errors import GatewayError, NoChannelAvailable, UpstreamKeyRejected
-from .headers import client_response_headers, mask_secret, upstream_header_block
+from .headers import client_response_headers, mask_secret, scrub_head, upstream_header_block
 from .health import ChannelHealth, HealthRegistry, KeyHealth, retry_after_seconds
 from .policy import RoutingPolicy
 from .routing import Candidate
@@ -311,8 +311,9 @@ async def _attempt(
     finally:
         response.close()
     headers = client_response_headers(response.headers)
+    reason = scrub_head(headers, response.reason, channel.secrets)  # an upstream may echo its key
     body = client_error_body(status, headers, raw, channel.secrets)
-    req.outcome.last = ErrorAnswer(status, response.reason, headers, body, channel.name)
+    req.outcome.last = ErrorAnswer(status, reason, headers, body, channel.name)
     masked = mask_secret(attempt.api_key)  # only on the failure path: it costs a little on every request
     req.outcome.tried.append(f"{channel.name} key {masked}: upstream {status}")
     log.warning(

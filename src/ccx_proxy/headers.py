@@ -9,9 +9,13 @@ credentials, which are replaced by the channel's key.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from urllib.parse import quote, quote_plus
 
+import orjson
 from multidict import CIMultiDict
 
 HOP_BY_HOP = frozenset(
@@ -115,9 +119,76 @@ def client_key(headers: Mapping[str, str]) -> str | None:
     return None
 
 
+# The format marker in front of Anthropic-, OpenAI- and DeepSeek-style keys: the same in every
+# key of that form, so it is not secret material and a mask may keep it (see mask_secret).
+PUBLIC_PREFIX = "sk-"
+
+
 def mask_secret(secret: str) -> str:
-    """``sk-…abcd``: enough to tell keys apart, never enough to use one."""
-    if len(secret) <= 8:
-        return "…" + secret[-2:] if len(secret) > 4 else "…"
-    head = secret[:3] if secret[:3].isascii() else ""
-    return f"{head}…{secret[-4:]}"
+    """``sk-…abcd``: enough to tell keys apart, never enough to use one.
+
+    Shows at most the last 4 characters of the secret material and never more than a third
+    of it: 12 characters or more show 4, a 9-character key 3 (``…xyz``), 6 to 8 show 2, and
+    a key under 6 characters nothing (``…``).  A leading ``sk-`` is kept and not counted: it
+    is a public format marker, the same in every key of that form (the rule applies to what
+    follows it, so ``sk-`` plus 12 characters shows 4).  No other prefix is ever shown: it
+    would be part of the secret.
+    """
+    head = PUBLIC_PREFIX if secret.startswith(PUBLIC_PREFIX) else ""
+    size = len(secret) - len(head)
+    shown = min(4, size // 3) if size >= 6 else 0
+    return f"{head}…{secret[len(secret) - shown :]}" if shown else f"{head}…"
+
+
+@lru_cache(maxsize=256)
+def secret_forms(secrets: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """Every form in which ``secrets`` may be echoed, each with the mask that replaces it,
+    longest first (a secret inside another is replaced after the longer one).
+
+    Besides each secret as it is: JSON-escaped (``\\/`` and ``\\uXXXX`` too), percent-encoded
+    (a URL in a ``Location`` header) and as Python's ``repr`` of its bytes shows it (aiohttp's
+    parse errors).  Empty secrets are skipped (an empty string is in every text)."""
+    forms: dict[str, str] = {}
+    for secret in secrets:
+        if not secret:
+            continue
+        mask = mask_secret(secret)
+        for form in (
+            secret,
+            orjson.dumps(secret).decode()[1:-1],
+            json.dumps(secret)[1:-1],
+            json.dumps(secret)[1:-1].replace("/", "\\/"),
+            quote(secret, safe=""),
+            quote_plus(secret, safe=""),
+            repr(secret.encode("utf-8", "surrogateescape"))[2:-1],
+        ):
+            forms.setdefault(form, mask)
+    return tuple(sorted(forms.items(), key=lambda item: len(item[0]), reverse=True))
+
+
+def scrub_text(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with every form of every secret replaced by its mask."""
+    for form, mask in secret_forms(tuple(secrets)):
+        if form in text:
+            text = text.replace(form, mask)
+    return text
+
+
+def scrub_head(headers: CIMultiDict[str], reason: str, secrets: Sequence[str]) -> str:
+    """Masks every channel secret in the client's copy of a non-2xx response's headers (in
+    place, order kept) and returns the reason phrase, masked too.
+
+    For error answers only: an upstream that echoes its key (``x-echo-key: sk-...``) must not
+    hand it to the client.  A header whose *name* holds a secret is dropped (a mask is no
+    valid header name).  The 2xx path never calls this."""
+    forms = [form.lower() for form, _ in secret_forms(tuple(secrets))]
+    items = list(headers.items())
+    scrubbed = [
+        (name, scrub_text(value, secrets))
+        for name, value in items
+        if not any(form in name.lower() for form in forms)  # names are case-insensitive
+    ]
+    if scrubbed != items:
+        headers.clear()
+        headers.extend(scrubbed)
+    return scrub_text(reason, secrets)

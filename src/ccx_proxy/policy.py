@@ -64,6 +64,7 @@ class RoutingPolicy:
     rateLimitCooldownCapMs: int = 600_000
     overloadBackoffMs: int = 5_000  # a 529 backs the whole channel off this long
     allowChannelHeader: bool = True  # X-Channel: <name> pins a channel
+    maxConcurrentStreams: int = 10_000  # requests relayed at once per process; 0: no limit
 
 
 TIMEOUT_FIELDS = tuple(f.name for f in fields(Timeouts) if f.init)

@@ -8,14 +8,23 @@ candidate; after, a failure ends the stream with an SSE ``error`` event.
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 from aiohttp import web
 
 from .affinity import session_of
 from .body import find_model
-from .errors import InvalidRequest, RequestTooLarge, UpstreamKeyRejected
+from .errors import (
+    InvalidRequest,
+    Overloaded,
+    RequestTimeout,
+    RequestTooLarge,
+    UnsupportedEncoding,
+    UpstreamKeyRejected,
+)
 from .failover import KEY_REJECTED, Connected, connect, exhausted
-from .headers import client_response_headers, forwarded_raw
+from .headers import client_response_headers, forwarded_raw, scrub_head
 from .routing import prefer
 from .state import GATEWAY, Gateway
 from .stream import relay_sse
@@ -46,11 +55,20 @@ async def _read_body(request: web.Request, gateway: Gateway) -> bytes:
     content = request.content
     chunks: list[bytes] = []
     size = 0
-    while chunk := await content.readany():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    idle = gateway.settings.client_body_timeout
+    try:
+        async with asyncio.timeout(idle or None) as pause:  # one timer, moved on with each chunk
+            while chunk := await content.readany():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+                if idle:
+                    pause.reschedule(gateway.client.loop.time() + idle)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body stopped arriving: nothing for {idle:g} s (CLIENT_BODY_TIMEOUT_MS)"
+        ) from None
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
@@ -73,6 +91,29 @@ async def _forward(request: web.Request, *, count_tokens: bool) -> web.StreamRes
     gateway = request.app[GATEWAY]
     loop = gateway.client.loop
     gateway.access_keys.check(request.headers)
+    encoding = request.headers.get("Content-Encoding")
+    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+        raise UnsupportedEncoding(
+            f"request bodies must not be compressed (Content-Encoding: {encoding[:40]}); "
+            "send the JSON as it is"
+        )
+    limit = gateway.runtime.config.routing.maxConcurrentStreams
+    if limit and gateway.streams >= limit:
+        raise Overloaded(
+            f"the gateway is serving its limit of {limit} concurrent requests (maxConcurrentStreams); "
+            "retry shortly",
+            retry_after=1,
+        )
+    gateway.streams += 1
+    try:
+        return await _relay(request, gateway, loop, count_tokens)
+    finally:
+        gateway.streams -= 1
+
+
+async def _relay(
+    request: web.Request, gateway: Gateway, loop: asyncio.AbstractEventLoop, count_tokens: bool
+) -> web.StreamResponse:
     body = await _read_body(request, gateway)
     field = find_model(body)
     runtime = gateway.runtime  # one snapshot for the whole request
@@ -127,19 +168,29 @@ async def _forward(request: web.Request, *, count_tokens: bool) -> web.StreamRes
     if session is not None:
         gateway.affinity.remember(session, channel.name, gateway.health.clock())
     headers = client_response_headers(upstream.headers)
+    reason = upstream.reason
+    if upstream.status >= 300:  # an upstream may echo its key: masked (the 2xx path pays nothing)
+        reason = scrub_head(headers, reason, channel.secrets)
     headers[CHANNEL_HEADER] = channel.name
 
     finished = False
     try:
-        if upstream.content_type == _SSE:
+        if upstream.content_type == _SSE and upstream.status < 300:  # an error is read whole, scrubbed
             response = await relay_sse(
-                request, upstream, headers, channel.name, channel.timeouts, attempt, loop
+                request,
+                upstream,
+                headers,
+                channel.name,
+                channel.timeouts,
+                attempt,
+                loop,
+                gateway.settings.client_write_timeout,
             )
         else:
             upstream.set_read_timeout(channel.timeouts.inactivity)
             try:
                 with upstream_errors(channel.name):
-                    if upstream.status >= 400:
+                    if upstream.status >= 300:
                         raw = await upstream.read(ERROR_BODY_LIMIT)
                         payload = client_error_body(upstream.status, headers, raw, channel.secrets)
                     else:
@@ -147,9 +198,7 @@ async def _forward(request: web.Request, *, count_tokens: bool) -> web.StreamRes
             except Exception:
                 attempt.broke_off()
                 raise
-            response = web.Response(
-                status=upstream.status, reason=upstream.reason, headers=headers, body=payload
-            )
+            response = web.Response(status=upstream.status, reason=reason, headers=headers, body=payload)
         finished = True
         return response
     finally:

@@ -30,6 +30,11 @@ class Settings:
     admin_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: admin API disabled
     config_backups: int = 10
     watch_interval: float = 0.5  # seconds between channels-file checks; 0 disables
+    # Client-side limits, seconds (0 turns one off): see ccx_proxy.server.
+    client_header_timeout: float = 10.0  # a request head, from its first byte
+    client_body_timeout: float = 30.0  # longest pause while a request body arrives
+    client_keepalive_timeout: float = 75.0  # an idle keep-alive connection
+    client_write_timeout: float = 60.0  # a client that accepts no bytes loses its stream
 
     @classmethod
     def from_env(
@@ -69,11 +74,19 @@ class Settings:
         if admin and any(hmac.compare_digest(admin.encode(), k.encode()) for k in (primary, *extra)):
             raise SettingsError("ADMIN_ACCESS_KEY must differ from the proxy access keys")
         backups = _non_negative_int(env, "CONFIG_BACKUPS", 10)
+        header_ms = _non_negative_int(env, "CLIENT_HEADER_TIMEOUT_MS", 10_000)
+        body_ms = _non_negative_int(env, "CLIENT_BODY_TIMEOUT_MS", 30_000)
+        keepalive_ms = _non_negative_int(env, "CLIENT_KEEPALIVE_TIMEOUT_MS", 75_000)
+        write_ms = _non_negative_int(env, "CLIENT_WRITE_TIMEOUT_MS", 60_000)
         watch_ms = _non_negative_int(env, "CONFIG_WATCH_INTERVAL_MS", 500)
         return cls(
             admin_keys=(admin,) if admin else (),
             config_backups=backups,
             watch_interval=watch_ms / 1000,
+            client_header_timeout=header_ms / 1000,
+            client_body_timeout=body_ms / 1000,
+            client_keepalive_timeout=keepalive_ms / 1000,
+            client_write_timeout=write_ms / 1000,
             access_keys=(primary, *extra),
             host=host or env.get("BIND_HOST", "").strip() or DEFAULT_HOST,
             port=port_value,

@@ -32,7 +32,7 @@ class Runtime:
 
 
 class Gateway:
-    __slots__ = ("settings", "access_keys", "runtime", "health", "affinity", "_client")
+    __slots__ = ("settings", "access_keys", "runtime", "health", "affinity", "streams", "_client")
 
     def __init__(self, settings: Settings, config: GatewayConfig, clock: Clock | None = None) -> None:
         self.settings = settings
@@ -41,6 +41,7 @@ class Gateway:
         self.runtime = Runtime.build(config)
         self.affinity = SessionAffinity(config.affinity)
         self._client: UpstreamClient | None = None
+        self.streams = 0  # requests being relayed now (maxConcurrentStreams)
 
     def apply(self, config: GatewayConfig) -> None:
         """Switch to a new configuration; in-flight requests keep their snapshot."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 
 from .errors import sse_error_event
@@ -116,17 +116,35 @@ async def relay_sse(
     timeouts: Timeouts,
     attempt: Attempt,
     loop: asyncio.AbstractEventLoop,
+    write_timeout: float = 0.0,
 ) -> web.StreamResponse:
     headers["X-Accel-Buffering"] = "no"
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    if request.version < HttpVersion11:
+        response.force_close()  # HTTP/1.0 has no chunked framing: the close ends the stream
     await response.prepare(request)
+    transport = request.transport
+
+    async def write(data: bytes, *, eof: bool = False) -> None:
+        """Write with backpressure; a client that accepts nothing for write_timeout loses
+        its stream (the upstream is aborted by the caller's cleanup)."""
+        if write_timeout and transport is not None and transport.get_write_buffer_size():
+            try:
+                async with asyncio.timeout(write_timeout):
+                    await (response.write_eof(data) if eof else response.write(data))
+                return
+            except TimeoutError:
+                log.info("client stalled: it accepted no bytes for %g s; closing its stream", write_timeout)
+                transport.abort()
+                raise ConnectionResetError("the client stopped reading") from None
+        await (response.write_eof(data) if eof else response.write(data))
+
     upstream.set_read_timeout(timeouts.inactivity)  # headers are in: idle limit from now on
     encoded = "Content-Encoding" in upstream.headers
     inspect = upstream.status == 200 and not encoded
     use_keepalive = inspect and timeouts.keepaliveMs > 0
     keepalive: _Keepalive | None = None
     read = upstream.readany
-    write = response.write
     tail = b""
     failure: str | None = None
     try:
@@ -170,7 +188,7 @@ async def relay_sse(
                     keepalive.boundary = _at_boundary(tail)
             if upstream.at_eof and (not inspect or _finished(tail)):
                 # The upstream is done: the last bytes and the end of the body in one write.
-                await response.write_eof(chunk)
+                await write(chunk, eof=True)
                 return response
             await write(chunk)  # a client that went away raises here
     finally:
@@ -188,5 +206,5 @@ async def relay_sse(
             await write(sse_error_event("api_error", failure + "; the response is incomplete"))
         else:  # end the half-written event first, so the error event parses on its own
             await write(b"\n\n" + sse_error_event("api_error", failure + "; the response is incomplete"))
-    await response.write_eof()
+    await write(b"", eof=True)
     return response

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..errors import error_body
-from ..headers import mask_secret
+from ..headers import secret_forms
 
 ERROR_BODY_LIMIT = 1 << 20  # bytes of an error body kept, compressed or decoded
 
@@ -56,12 +56,26 @@ def decode_error_body(headers: Mapping[str, str], body: bytes) -> bytes | None:
 
 
 def scrub(body: bytes, secrets: Iterable[str]) -> bytes:
-    """``body`` with every secret replaced by its mask (``sk-…abcd``)."""
-    for secret in secrets:
-        raw = secret.encode()
+    """``body`` with every secret replaced by its mask (``sk-…abcd``): as it is, and in the
+    escaped and encoded forms an upstream may echo it in (:func:`~..headers.secret_forms`)."""
+    for form, mask in secret_forms(tuple(secrets)):
+        raw = form.encode("utf-8", "surrogateescape")
         if raw in body:
-            body = body.replace(raw, mask_secret(secret).encode())
+            body = body.replace(raw, mask.encode())
     return body
+
+
+def trim_partial(body: bytes, secrets: Iterable[str]) -> bytes:
+    """A truncated ``body`` without a trailing beginning of a secret: cut short, a secret
+    is no longer matched whole, and its first characters must not reach the client."""
+    cut = 0
+    for form, _ in secret_forms(tuple(secrets)):
+        raw = form.encode("utf-8", "surrogateescape")
+        for size in range(min(len(raw) - 1, len(body)), cut, -1):
+            if body.endswith(raw[:size]):
+                cut = size
+                break
+    return body[: len(body) - cut]
 
 
 def client_error_body(
@@ -77,4 +91,7 @@ def client_error_body(
         headers["Content-Type"] = "application/json"
         message = f"upstream answered {status} with a {encoding} body the gateway cannot read"
         return error_body(_ERROR_TYPES.get(status, "api_error"), message)
+    secrets = tuple(secrets)
+    if len(body) >= ERROR_BODY_LIMIT or len(plain) >= ERROR_BODY_LIMIT:  # cut short: maybe mid-secret
+        plain = trim_partial(plain, secrets)
     return scrub(plain, secrets)

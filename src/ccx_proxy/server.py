@@ -1,0 +1,143 @@
+"""The client side of the gateway's HTTP server: limits and errors a hostile client meets.
+
+aiohttp's server does the parsing; this module adds what a production proxy (nginx,
+Envoy) enforces and aiohttp does not, in one request-handler subclass:
+
+* a **head timeout**: a request head must be complete within ``CLIENT_HEADER_TIMEOUT_MS``
+  of its first byte (and a new connection must send one within that time) -- a head
+  trickled a byte a second, or a silent connection, is closed;
+* the **keep-alive** idle limit (``CLIENT_KEEPALIVE_TIMEOUT_MS``, aiohttp's own timer);
+* no **lingering**: after a response, a request body that is still arriving is not read
+  and discarded for seconds -- the connection is closed;
+* no request-body **decompression** (the relay refuses a ``Content-Encoding`` with 415);
+* aiohttp's own **protocol errors** (malformed request line or header, a header over the
+  size limit, an HTTP/2 preface) answered with Anthropic-shaped JSON and one short log
+  line that quotes nothing the client sent (a malformed header line may hold a key).
+
+The body idle and write stall timeouts live where the body is read and the stream is
+written (:mod:`ccx_proxy.relay`, :mod:`ccx_proxy.stream`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, BadStatusLine, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from .errors import GatewayError, HeaderTooLarge, InvalidRequest, render
+from .settings import Settings
+
+log = logging.getLogger("ccx_proxy.server")
+
+_H2_PREFACE = "PRI"  # llhttp stops at "PRI * HTTP/2.0": "Pause on PRI/Upgrade"
+
+
+def server_kwargs(settings: Settings) -> dict[str, Any]:
+    """aiohttp server arguments for the gateway's app (cli and tests use the same)."""
+    return {
+        "handler_cancellation": True,
+        "keepalive_timeout": settings.client_keepalive_timeout,
+        "lingering_time": 0,  # never read and discard a body nobody wants
+        "auto_decompress": False,  # never inflate a request body (a 4 MB gzip can be 4 GB)
+    }
+
+
+class GatewayHandler(RequestHandler):
+    """One client connection (see the module docstring)."""
+
+    __slots__ = ("_head_timer", "_head_timeout")
+
+    def __init__(self, manager: web.Server, *, head_timeout: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_timeout = head_timeout
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm()  # a new connection must start a request in time
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is None and self._current_request is None and not self._messages:
+            self._arm()  # the first bytes of a new request head
+        count = self._request_count
+        super().data_received(data)
+        if self._request_count != count and self._head_timer is not None:
+            self._head_timer.cancel()  # a whole head arrived
+            self._head_timer = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._head_timeout > 0:
+            self._head_timer = self._loop.call_later(self._head_timeout, self._head_late)
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self._current_request is None and not self._messages and self.transport is not None:
+            log.info(
+                "closing a connection from %s: no complete request head within %g s",
+                _peer(self.transport),
+                self._head_timeout,
+            )
+            self.force_close()
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's own errors, Anthropic-shaped; the log line names the kind of error only."""
+        peer = _peer(self.transport)
+        if isinstance(exc, BadHttpMessage) and _H2_PREFACE in str(exc)[:60]:
+            log.info("closing a connection from %s: HTTP/2 is not served (use HTTP/1.1)", peer)
+            self.force_close()  # no HTTP/1.1 answer to an HTTP/2 client: just the close
+            return web.Response(status=505)  # never written: the transport is gone
+        error: GatewayError
+        if isinstance(exc, LineTooLong):
+            error = HeaderTooLarge(
+                "request line or header too large (limit 8190 bytes each); check the client's headers"
+            )
+        elif status >= 500:
+            error = GatewayError("internal gateway error; see the gateway's log")
+        else:
+            kind = "request line" if isinstance(exc, (BadStatusLine, BadHttpMethod)) else "request"
+            error = InvalidRequest(f"malformed HTTP {kind}: the gateway speaks HTTP/1.1")
+        log.info("bad request from %s: %s (%s)", peer, type(exc).__name__ if exc else status, error.status)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        response = render(error)
+        response.force_close()
+        return response
+
+
+def _peer(transport: asyncio.BaseTransport | None) -> str:
+    if transport is None:
+        return "?"
+    peer = transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
+
+
+class _GatewayServer(web.Server):
+    """Makes :class:`GatewayHandler` connections instead of aiohttp's own."""
+
+    head_timeout: float = 10.0
+
+    def __call__(self) -> RequestHandler:
+        return GatewayHandler(self, loop=self._loop, head_timeout=self.head_timeout, **self._kwargs)
+
+
+def install(server: web.Server, settings: Settings) -> None:
+    """Give an aiohttp server (an AppRunner's, after ``setup()``) the gateway's handler."""
+    server.__class__ = _GatewayServer
+    assert isinstance(server, _GatewayServer)
+    server.head_timeout = settings.client_header_timeout
