@@ -267,3 +267,19 @@ async def test_the_concurrent_stream_cap_answers_529_with_retry_after(start_gate
     third = await client.post("/v1/messages", data=message_body(), headers=AUTH)
     assert third.status == 200 and await third.read() == SSE_BODY
     assert orjson.loads(body)["type"] == "error"
+
+
+def test_a_flood_of_bad_clients_logs_a_bounded_number_of_lines(caplog) -> None:
+    from ccx_proxy.server import QuietLog
+
+    caplog.set_level(logging.INFO, logger="ccx_proxy.server")
+    quiet = QuietLog(burst=5, window=10.0)
+    for i in range(1000):
+        quiet.info(100.0 + i * 0.001, "bad request from %s", "1.2.3.4:5")
+    assert len(caplog.records) == 5
+    quiet.info(111.0, "bad request from %s", "1.2.3.4:5")  # the next window: a summary, then the line
+    messages = [r.getMessage() for r in caplog.records[5:]]
+    assert messages == [
+        "... and 995 more such lines in the last 10 s (not shown)",
+        "bad request from 1.2.3.4:5",
+    ]

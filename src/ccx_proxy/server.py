@@ -33,6 +33,33 @@ from .settings import Settings
 
 log = logging.getLogger("ccx_proxy.server")
 
+
+class QuietLog:
+    """At most ``burst`` lines per ``window`` seconds for one kind of client misbehaviour,
+    then one summary line for the rest: an attack must not flood the log."""
+
+    __slots__ = ("_burst", "_window", "_start", "_count", "_dropped")
+
+    def __init__(self, burst: int = 20, window: float = 10.0) -> None:
+        self._burst, self._window = burst, window
+        self._start, self._count, self._dropped = 0.0, 0, 0
+
+    def info(self, now: float, message: str, *args: object) -> None:
+        if now - self._start >= self._window:
+            if self._dropped:
+                log.info(
+                    "... and %d more such lines in the last %g s (not shown)", self._dropped, self._window
+                )
+            self._start, self._count, self._dropped = now, 0, 0
+        self._count += 1
+        if self._count <= self._burst:
+            log.info(message, *args)
+        else:
+            self._dropped += 1
+
+
+QUIET = QuietLog()
+
 _H2_PREFACE = "PRI"  # llhttp stops at "PRI * HTTP/2.0": "Pause on PRI/Upgrade"
 
 
@@ -82,7 +109,8 @@ class GatewayHandler(RequestHandler):
     def _head_late(self) -> None:
         self._head_timer = None
         if self._current_request is None and not self._messages and self.transport is not None:
-            log.info(
+            QUIET.info(
+                self._loop.time(),
                 "closing a connection from %s: no complete request head within %g s",
                 _peer(self.transport),
                 self._head_timeout,
@@ -99,7 +127,9 @@ class GatewayHandler(RequestHandler):
         """aiohttp's own errors, Anthropic-shaped; the log line names the kind of error only."""
         peer = _peer(self.transport)
         if isinstance(exc, BadHttpMessage) and _H2_PREFACE in str(exc)[:60]:
-            log.info("closing a connection from %s: HTTP/2 is not served (use HTTP/1.1)", peer)
+            QUIET.info(
+                self._loop.time(), "closing a connection from %s: HTTP/2 is not served (use HTTP/1.1)", peer
+            )
             self.force_close()  # no HTTP/1.1 answer to an HTTP/2 client: just the close
             return web.Response(status=505)  # never written: the transport is gone
         error: GatewayError
@@ -112,7 +142,13 @@ class GatewayHandler(RequestHandler):
         else:
             kind = "request line" if isinstance(exc, (BadStatusLine, BadHttpMethod)) else "request"
             error = InvalidRequest(f"malformed HTTP {kind}: the gateway speaks HTTP/1.1")
-        log.info("bad request from %s: %s (%s)", peer, type(exc).__name__ if exc else status, error.status)
+        QUIET.info(
+            self._loop.time(),
+            "bad request from %s: %s (%s)",
+            peer,
+            type(exc).__name__ if exc else status,
+            error.status,
+        )
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")
         response = render(error)

@@ -19,6 +19,7 @@ from multidict import CIMultiDict
 
 from .errors import sse_error_event
 from .policy import Timeouts
+from .server import QUIET
 from .upstream.attempt import Attempt
 from .upstream.errors import UpstreamFailure
 from .upstream.response import Response
@@ -134,7 +135,11 @@ async def relay_sse(
                     await (response.write_eof(data) if eof else response.write(data))
                 return
             except TimeoutError:
-                log.info("client stalled: it accepted no bytes for %g s; closing its stream", write_timeout)
+                QUIET.info(
+                    loop.time(),
+                    "client stalled: it accepted no bytes for %g s; closing its stream",
+                    write_timeout,
+                )
                 transport.abort()
                 raise ConnectionResetError("the client stopped reading") from None
         await (response.write_eof(data) if eof else response.write(data))
