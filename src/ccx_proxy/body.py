@@ -25,7 +25,9 @@ loop that serves every other request:
   :data:`MAX_SLOW_BODY_BYTES` is refused with 413 before any parse, and a walk
   stops with 413 after :data:`MAX_SCAN_STEPS` steps.
 
-The rest of the body goes upstream byte for byte; the upstream validates it.
+The body goes upstream byte for byte, with only the model's value replaced when a
+mapping renames it.  The inline parse validates the whole document; the walk checks
+the top level only, and leaves the rest to the upstream.
 """
 
 from __future__ import annotations
@@ -43,12 +45,13 @@ from .errors import InvalidRequest, RequestTooLarge
 MAX_MODEL_BYTES = 256  # UTF-8 bytes of a model name
 INLINE_PARSE_BYTES = 256 * 1024  # bodies up to this size: one orjson parse on the loop
 MAX_SLOW_BODY_BYTES = 8 * 1024 * 1024  # "model" not first: parsed up to this size, else 413
-MAX_SCAN_STEPS = 1_000_000  # strings, brackets and escaped quotes one walk may visit, else 413
+MAX_SCAN_STEPS = 500_000  # strings, brackets and top-level keys (x3) one walk may visit, else 413
 SLICE_SECONDS = 0.002  # read_model gives the loop back at least this often during a walk
 
 _FAST_WINDOW = 4096  # the model-first match looks no further (a longer name takes the walk)
 _CHUNK = 64 * 1024  # bytes one regex call of the walk may look at (well under a ms)
 _FIND_CHUNK = 1024 * 1024  # bytes one bytes.find call may look at
+_MEMCHR_QUOTES = 8  # a string with more escaped quotes than this is scanned by regex
 _MAX_KEY_SPELLING = 6 * 6 + 2  # "stream" with every letter written as \uXXXX
 
 _WS = b"[ \t\r\n]*"
@@ -67,7 +70,9 @@ _MODEL_FIRST = re.compile(
     + _WS
     + rb"[,}]"
 )
-_MODEL_FIRST_KEY = re.compile(rb"\A" + _WS + rb"\{" + _WS + rb'"model"' + _WS + rb":")
+# The same up to the value's opening quote: "model" comes first, with a name too long for
+# the window (the walk measures it).
+_MODEL_FIRST_OPEN = re.compile(rb"\A" + _WS + rb"\{" + _WS + rb'"model"' + _WS + rb":" + _WS + rb'"')
 # A key that JSON decodes to "model", however its letters are written (they are all
 # U+0060..U+006F, so an escaped spelling always contains \u006).  In a valid document
 # a match is a key, or lies inside a longer string, where renaming it changes nothing.
@@ -82,8 +87,13 @@ _WS_RUN = re.compile(_WS)
 _SCALAR_RUN = re.compile(rb'[^ \t\r\n,:{}\[\]"]*')
 _STRING_RUN = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*', re.DOTALL)
 _STRUCTURE = re.compile(rb'["{}\[\]]')
+# Whitespace, a top-level key token (group 1), its colon, and the whitespace up to the value.
+_MEMBER = re.compile(_WS + rb'("[^"\\]*(?:\\.[^"\\]*)*")' + _WS + rb":" + _WS, re.DOTALL)
+# The whitespace after a top-level value and the comma or brace (group 1) that ends it.
+_AFTER_VALUE = re.compile(_WS + rb"([,}])")
 _CLOSER = {0x7B: 0x7D, 0x5B: 0x5D}  # { -> }, [ -> ]
-_TYPE_NAMES = {0x5B: "list", 0x22: "str", 0x74: "bool", 0x66: "bool", 0x6E: "NoneType"}
+_TYPE_NAMES = {0x5B: "list", 0x22: "str", 0x74: "bool", 0x66: "bool", 0x6E: "NoneType", 0x2D: "number"}
+_TYPE_NAMES.update((digit, "number") for digit in b"0123456789")
 
 
 class ModelField:
@@ -228,6 +238,7 @@ def _name_at(body: bytes, start: int, end: int) -> str:
 
 
 def _inspect(body: bytes) -> Generator[None, None, ModelField]:
+    """find_model's work; it yields (to be resumed at once) whenever the loop should run."""
     first = _MODEL_FIRST.match(body, 0, _FAST_WINDOW)
     size = len(body)
     if size <= INLINE_PARSE_BYTES:
@@ -235,11 +246,11 @@ def _inspect(body: bytes) -> Generator[None, None, ModelField]:
     if first is not None:
         if not (yield from _may_repeat_model(body, first.end(2))):
             return ModelField(_name_at(body, *first.span(2)), *first.span(2), wants_stream(body))
-    elif size > MAX_SLOW_BODY_BYTES and _MODEL_FIRST_KEY.match(body) is None:
+    elif size > MAX_SLOW_BODY_BYTES and _MODEL_FIRST_OPEN.match(body) is None:
         raise _too_large_to_parse(size)
     models, stream = yield from _Walk(body).top_level()
-    if len(models) > 1:
-        raise _duplicate_model()
+    if len(models) > 1 and len({body[a:b] for a, b in models}) > 1:
+        raise _duplicate_model()  # (the very same value twice is no ambiguity)
     if not models:
         raise _model_required()
     start, end = models[0]
@@ -253,7 +264,9 @@ def _parse_inline(body: bytes, first: re.Match[bytes] | None) -> ModelField:
     exact about every top-level key, whatever its spelling."""
     if not body:
         raise InvalidRequest("request body is empty; expected a JSON object with a 'model' field")
-    spans = [first.span(1)] if first is not None else [m.span() for m in _ANY_MODEL_KEY.finditer(body)]
+    if first is not None:
+        return _check_model_first(body, first)
+    spans = [m.span() for m in _ANY_MODEL_KEY.finditer(body)]
     nonce = os.urandom(6).hex()  # unguessable: no key in the body can be one of ours
     names = [f"{nonce}.{i}" for i in range(len(spans))]
     view = memoryview(body)
@@ -266,13 +279,11 @@ def _parse_inline(body: bytes, first: re.Match[bytes] | None) -> ModelField:
     try:
         document = orjson.loads(b"".join(pieces))
     except orjson.JSONDecodeError:
-        try:
+        try:  # again, for an error message whose positions are the client's
             orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
         raise InvalidRequest("request body is not valid JSON") from None
-    finally:
-        view.release()
     if not isinstance(document, dict):
         raise InvalidRequest(f"request body must be a JSON object, not {type(document).__name__}")
     if "model" in document:  # a top-level model key that was not renamed: not the first one
@@ -298,6 +309,25 @@ def _parse_inline(body: bytes, first: re.Match[bytes] | None) -> ModelField:
         assert token is not None
         end = token.end()
     return ModelField(_check_length(value), start, end, stream)
+
+
+def _check_model_first(body: bytes, first: re.Match[bytes]) -> ModelField:
+    """A body that starts with its model (Claude Code, the SDKs): one orjson parse of the
+    body as it is.  The parser keeps the last of duplicate keys, however they are spelled,
+    so a top-level ``model`` other than the first one shows as a different value -- the
+    ambiguity that would let the gateway route on one name while the upstream serves
+    another.  (A duplicate with the very same value is no ambiguity and passes.)"""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):  # unreachable: the body starts with {"model": ...
+        raise InvalidRequest(f"request body must be a JSON object, not {type(document).__name__}")
+    start, end = first.span(2)
+    name = _name_at(body, start, end)
+    if document.get("model") != name:
+        raise _duplicate_model()
+    return ModelField(name, start, end, document.get("stream") is True)
 
 
 def _may_repeat_model(body: bytes, start: int) -> Generator[None, None, bool]:
@@ -349,32 +379,58 @@ class _Walk:
         if pos >= size:
             raise InvalidRequest("request body is empty; expected a JSON object with a 'model' field")
         if body[pos] != 0x7B:
-            kind = _TYPE_NAMES.get(body[pos], "number")
+            kind = _TYPE_NAMES.get(body[pos])
+            if kind is None:
+                raise _not_json("expected '{'", pos)
             raise InvalidRequest(f"request body must be a JSON object, not {kind}")
         models: list[tuple[int, int]] = []
         stream = False
+        find = body.find
         pos = yield from self._run_end(_WS_RUN, pos + 1)
         if pos < size and body[pos] == 0x7D:
             pos += 1
         else:
             while True:
+                self.steps += 2  # a top-level member costs about three nested tokens
                 if self._pause_due():
                     yield
                     self._resumed()
-                if pos >= size or body[pos] != 0x22:
-                    raise _not_json("expected a string key", pos)
-                key_start = pos
-                pos = yield from self._string_end(pos)
-                key = _key_name(body[key_start:pos]) if pos - key_start <= _MAX_KEY_SPELLING else None
-                pos = yield from self._run_end(_WS_RUN, pos)
-                if pos >= size or body[pos] != 0x3A:
-                    raise _not_json("expected ':'", pos)
-                value_start = yield from self._run_end(_WS_RUN, pos + 1)
-                pos = yield from self._value_end(value_start)
-                if key == "model":
-                    models.append((value_start, pos))
-                elif key == "stream":
-                    stream = body[value_start:pos] == b"true"
+                # The key, its colon and the value's first byte: one regex call, usually.
+                member = _MEMBER.match(body, pos, pos + _CHUNK)
+                if member is not None and member.end() < pos + _CHUNK:
+                    key_start, key_end = member.span(1)
+                    value_start = member.end()
+                else:
+                    key_start, key_end, value_start = yield from self._member(pos)
+                if value_start >= size:
+                    raise _not_json("expected a value", value_start)
+                first = body[value_start]
+                if first == 0x22:
+                    close = find(b'"', value_start + 1)
+                    if close > 0 and body[close - 1] != 0x5C:
+                        pos = close + 1
+                    else:
+                        pos = yield from self._string_end(value_start)
+                elif first in _CLOSER:
+                    pos = yield from self._container_end(value_start)
+                else:
+                    scalar = _SCALAR_RUN.match(body, value_start, value_start + _CHUNK)
+                    assert scalar is not None  # the run patterns match the empty string
+                    pos = scalar.end()
+                    if pos == value_start or pos == value_start + _CHUNK:
+                        pos = yield from self._value_end(value_start)
+                if key_end - key_start <= _MAX_KEY_SPELLING:
+                    key = _key_name(body[key_start:key_end])
+                    if key == "model":
+                        models.append((value_start, pos))
+                    elif key == "stream":
+                        stream = body[value_start:pos] == b"true"
+                after = _AFTER_VALUE.match(body, pos, pos + _CHUNK)
+                if after is not None:
+                    pos = after.end()
+                    if after.group(1) == b",":
+                        continue
+                    break
                 pos = yield from self._run_end(_WS_RUN, pos)
                 if pos < size and body[pos] == 0x2C:
                     pos = yield from self._run_end(_WS_RUN, pos + 1)
@@ -387,6 +443,21 @@ class _Walk:
         if pos != size:
             raise _not_json("data after the JSON object", pos)
         return models, stream
+
+    def _member(self, at: int) -> Generator[None, None, tuple[int, int, int]]:
+        """A key, its colon and what follows, step by step: where the key token starts and
+        ends, and where the value starts."""
+        body = self.body
+        size = len(body)
+        at = yield from self._run_end(_WS_RUN, at)
+        if at >= size or body[at] != 0x22:
+            raise _not_json("expected a string key", at)
+        key_end = yield from self._string_end(at)
+        pos = yield from self._run_end(_WS_RUN, key_end)
+        if pos >= size or body[pos] != 0x3A:
+            raise _not_json("expected ':'", pos)
+        value_start = yield from self._run_end(_WS_RUN, pos + 1)
+        return at, key_end, value_start
 
     def _run_end(self, run: re.Pattern[bytes], at: int) -> Generator[None, None, int]:
         """Where the run of ``run``'s characters that starts at ``at`` ends."""
@@ -421,18 +492,16 @@ class _Walk:
         """Just past the string token that opens at ``at``."""
         body = self.body
         pos = at + 1
-        while True:
+        for _ in range(_MEMCHR_QUOTES):
             close = body.find(b'"', pos)
             if close < 0:
                 raise _not_json("unterminated string", at)
             if body[close - 1] != 0x5C:
                 return close + 1
             if body[close - 2] == 0x5C:  # \\" or longer: count the escapes properly
-                return (yield from self._escaped_string_end(at))
+                break
             pos = close + 1  # \" inside the string
-            if self._pause_due():
-                yield
-                self._resumed()
+        return (yield from self._escaped_string_end(at))
 
     def _escaped_string_end(self, at: int) -> Generator[None, None, int]:
         body = self.body

@@ -14,7 +14,7 @@ import orjson
 from aiohttp import web
 
 from .affinity import session_of
-from .body import find_model
+from .body import read_model
 from .errors import (
     InvalidRequest,
     Overloaded,
@@ -115,7 +115,7 @@ async def _relay(
     request: web.Request, gateway: Gateway, loop: asyncio.AbstractEventLoop, count_tokens: bool
 ) -> web.StreamResponse:
     body = await _read_body(request, gateway)
-    field = find_model(body)
+    field = await read_model(body)
     runtime = gateway.runtime  # one snapshot for the whole request
     routing = runtime.config.routing
     pinned = request.headers.get("x-channel") if routing.allowChannelHeader else None

@@ -14,7 +14,13 @@ from typing import NamedTuple
 from .config import Channel, GatewayConfig
 from .errors import InvalidRequest, ModelNotFound
 
+# The memo of answers by requested name keeps only names some channel serves (any string
+# can miss, so a miss is never remembered); it is bounded in entries and in the UTF-8 bytes
+# of its keys, and cleared when either bound would be passed.  A name longer than
+# _MEMO_LONGEST bytes is never remembered (the body check refuses those before routing).
 _MEMO_LIMIT = 4096
+_MEMO_BYTES = 1 << 20
+_MEMO_LONGEST = 256
 
 
 class Candidate(NamedTuple):
@@ -23,12 +29,13 @@ class Candidate(NamedTuple):
 
 
 class Router:
-    __slots__ = ("_active", "_by_name", "_memo")
+    __slots__ = ("_active", "_by_name", "_memo", "_memo_bytes")
 
     def __init__(self, config: GatewayConfig) -> None:
         self._active = config.active
         self._by_name = {c.name: c for c in config.channels}
         self._memo: dict[str, tuple[Candidate, ...]] = {}
+        self._memo_bytes = 0  # UTF-8 bytes of _memo's keys
 
     def candidates(self, model: str) -> tuple[Candidate, ...]:
         hit = self._memo.get(model)
@@ -40,10 +47,19 @@ class Router:
             if channel.serves(model, mapped):
                 found.append(Candidate(channel, mapped))
         result = tuple(found)
-        if len(self._memo) >= _MEMO_LIMIT:
-            self._memo.clear()
-        self._memo[model] = result
+        if result and len(model) <= _MEMO_LONGEST:  # a character is at least a byte
+            self._remember(model, result)
         return result
+
+    def _remember(self, model: str, result: tuple[Candidate, ...]) -> None:
+        size = len(model.encode("utf-8", "surrogatepass"))
+        if size > _MEMO_LONGEST:
+            return
+        if len(self._memo) >= _MEMO_LIMIT or self._memo_bytes + size > _MEMO_BYTES:
+            self._memo.clear()
+            self._memo_bytes = 0
+        self._memo[model] = result
+        self._memo_bytes += size
 
     def route(self, model: str, pinned: str | None = None) -> tuple[Candidate, ...]:
         """Candidates for ``model``; raises when there are none."""

@@ -12,7 +12,10 @@ cannot be inspected or extended.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 
 from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
@@ -29,6 +32,13 @@ log = logging.getLogger("ccx_proxy.stream")
 KEEPALIVE = b": keepalive\n\n"
 _TAIL = 4096  # enough to hold the final event
 _READ_ERRORS = (UpstreamFailure, TimeoutError, OSError)
+# A write this small into an empty transport buffer cannot pause it (the high-water mark is
+# 64 KB), so it cannot block and needs no stall timer; a larger one can block on its own.
+_UNTIMED_WRITE = 16 * 1024
+# SO_LINGER on, 0 s: the close resets the connection.  A plain close would leave the kernel
+# an orphaned socket holding the unsent send queue (megabytes) for as long as the stalled
+# client keeps its window shut; a reset frees it at once (nginx: reset_timedout_connection).
+_RESET = struct.pack("ii", 1, 0)
 
 
 def _at_boundary(tail: bytes) -> bool:
@@ -129,7 +139,11 @@ async def relay_sse(
     async def write(data: bytes, *, eof: bool = False) -> None:
         """Write with backpressure; a client that accepts nothing for write_timeout loses
         its stream (the upstream is aborted by the caller's cleanup)."""
-        if write_timeout and transport is not None and transport.get_write_buffer_size():
+        if (
+            write_timeout
+            and transport is not None
+            and (len(data) > _UNTIMED_WRITE or transport.get_write_buffer_size())
+        ):
             try:
                 async with asyncio.timeout(write_timeout):
                     await (response.write_eof(data) if eof else response.write(data))
@@ -140,6 +154,10 @@ async def relay_sse(
                     "client stalled: it accepted no bytes for %g s; closing its stream",
                     write_timeout,
                 )
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError, ValueError):  # closed already (uvloop: ValueError)
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
                 transport.abort()
                 raise ConnectionResetError("the client stopped reading") from None
         await (response.write_eof(data) if eof else response.write(data))
