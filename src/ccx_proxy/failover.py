@@ -317,7 +317,7 @@ async def _attempt(
     masked = mask_secret(attempt.api_key)  # only on the failure path: it costs a little on every request
     req.outcome.tried.append(f"{channel.name} key {masked}: upstream {status}")
     log.warning(
-        "channel %r (%s, key %s): upstream answered %d, failing over: %s",
+        "channel %r (%s, key %s): upstream answered %d, failing over: %r",
         channel.name,
         endpoint.origin.host,
         masked,

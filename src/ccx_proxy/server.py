@@ -125,14 +125,10 @@ class GatewayHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         """aiohttp's own errors, Anthropic-shaped; the log line names the kind of error only."""
-        if request is not None and request.writer.output_size > 0:
-            # A response under way broke off (the client left or stalled; the relay said
-            # so): nothing more can be sent, and there was no bad request to log.  aiohttp
-            # keeps the ConnectionError below in a reference cycle (its task and frame):
-            # the failure's frames -- the relay's chunk and upstream response, up to 1 MB a
-            # stream -- must not hang on it until a full garbage collection.
-            _drop_frames(exc)
-            raise ConnectionError("response already started") from None
+        if request.writer.output_size > 0:
+            # A response under way broke off (a client that left or stalled: the relay
+            # logged it): no bad request to log, and nothing more can be sent.
+            raise ConnectionError("response already started")
         peer = _peer(self.transport)
         if isinstance(exc, BadHttpMessage) and _H2_PREFACE in str(exc)[:60]:
             QUIET.info(
@@ -160,15 +156,6 @@ class GatewayHandler(RequestHandler):
         response = render(error)
         response.force_close()
         return response
-
-
-def _drop_frames(exc: BaseException | None) -> None:
-    """Unlink the tracebacks of an exception and of those it was raised from or during."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        exc.__traceback__ = None
-        exc = exc.__cause__ or exc.__context__
 
 
 def _peer(transport: asyncio.BaseTransport | None) -> str:

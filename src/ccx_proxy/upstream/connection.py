@@ -17,6 +17,7 @@ from .wire import Origin
 # SO_LINGER on, 0 s: close() sends a RST and drops unsent bytes, instead of the kernel
 # holding them (and the socket) for as long as an upstream that stopped reading wants.
 _RESET = struct.pack("ii", 1, 0)
+_RCVBUF = 64 * 1024
 
 if sys.platform == "linux":
     import fcntl
@@ -74,6 +75,12 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:  # smaller reads: what a paused stream holds is bounded by them too
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
+            except (OSError, ValueError):
+                pass
 
     def data_received(self, data: bytes) -> None:
         response = self.response
@@ -89,10 +96,15 @@ class Connection(asyncio.Protocol):
         ours = self.closed  # aborted (or closed) by the gateway, not ended by the upstream
         self.closed = True
         self.pool.forget(self)
-        if self.response is not None:
+        response = self.response
+        if response is not None:
             if exc is None and ours:  # never the clean end of a body delimited by the close
                 exc = Disconnected("the connection was closed by the gateway")
-            self.response.lost(exc)
+            response.lost(exc)
+        # Nothing to keep: the response (and its buffered body) and the transport are freed by
+        # reference counting now, not by a later full garbage collection.
+        self.response = None
+        self.transport = None
 
     # -- used by the client and its response ---------------------------------------------
 

@@ -28,7 +28,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from .errors import BadResponse, DeadlineReached, Disconnected, NothingReceived, ReadTimeout
 
 NEVER = float("inf")
-HIGH_WATER = 256 * 1024  # unread body bytes before the upstream socket is paused
+HIGH_WATER = 64 * 1024  # unread body bytes before the upstream socket is paused
 MAX_HEAD = 64 * 1024  # a response head (or trailer section) larger than this is refused
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())  # until the head is in
 
