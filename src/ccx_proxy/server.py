@@ -58,7 +58,8 @@ class QuietLog:
             self._dropped += 1
 
 
-QUIET = QuietLog()
+# One budget per kind of misbehaviour: a flood of one kind hides none of the others.
+SLOW_HEADS, BAD_REQUESTS, HTTP2, STALLED_CLIENTS = QuietLog(), QuietLog(), QuietLog(), QuietLog()
 
 _H2_PREFACE = "PRI"  # llhttp stops at "PRI * HTTP/2.0": "Pause on PRI/Upgrade"
 
@@ -109,7 +110,7 @@ class GatewayHandler(RequestHandler):
     def _head_late(self) -> None:
         self._head_timer = None
         if self._current_request is None and not self._messages and self.transport is not None:
-            QUIET.info(
+            SLOW_HEADS.info(
                 self._loop.time(),
                 "closing a connection from %s: no complete request head within %g s",
                 _peer(self.transport),
@@ -131,7 +132,7 @@ class GatewayHandler(RequestHandler):
             raise ConnectionError("response already started")
         peer = _peer(self.transport)
         if isinstance(exc, BadHttpMessage) and _H2_PREFACE in str(exc)[:60]:
-            QUIET.info(
+            HTTP2.info(
                 self._loop.time(), "closing a connection from %s: HTTP/2 is not served (use HTTP/1.1)", peer
             )
             self.force_close()  # no HTTP/1.1 answer to an HTTP/2 client: just the close
@@ -146,7 +147,7 @@ class GatewayHandler(RequestHandler):
         else:
             kind = "request line" if isinstance(exc, (BadStatusLine, BadHttpMethod)) else "request"
             error = InvalidRequest(f"malformed HTTP {kind}: the gateway speaks HTTP/1.1")
-        QUIET.info(
+        BAD_REQUESTS.info(
             self._loop.time(),
             "bad request from %s: %s (%s)",
             peer,

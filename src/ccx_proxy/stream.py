@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 
 from .errors import sse_error_event
 from .policy import Timeouts
-from .server import QUIET
+from .server import STALLED_CLIENTS
 from .upstream.attempt import Attempt
 from .upstream.errors import UpstreamFailure
 from .upstream.response import Response
@@ -149,7 +149,7 @@ async def relay_sse(
                     await (response.write_eof(data) if eof else response.write(data))
                 return
             except TimeoutError:
-                QUIET.info(
+                STALLED_CLIENTS.info(
                     loop.time(),
                     "client stalled: it accepted no bytes for %g s; closing its stream",
                     write_timeout,
