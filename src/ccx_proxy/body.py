@@ -128,6 +128,8 @@ def find_model(body: bytes) -> ModelField:
 async def read_model(body: bytes) -> ModelField:
     """:func:`find_model` for the event loop: the same answer and exceptions, but a large
     body's walk gives the loop back every :data:`SLICE_SECONDS`."""
+    if len(body) <= INLINE_PARSE_BYTES:  # the usual case: one parse, no generator to drive
+        return _parse_inline(body, _MODEL_FIRST.match(body, 0, _FAST_WINDOW))
     job = _inspect(body)
     while True:
         try:

@@ -9,6 +9,7 @@ candidate; after, a failure ends the stream with an SSE ``error`` event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import orjson
 from aiohttp import web
@@ -33,6 +34,7 @@ from .upstream.errors import upstream_errors
 from .upstream.wire import WireError, check_query
 
 CHANNEL_HEADER = "x-ccx-channel"
+_NO_WAIT: contextlib.nullcontext[None] = contextlib.nullcontext()
 _SSE = "text/event-stream"
 
 
@@ -56,14 +58,16 @@ async def _read_body(request: web.Request, gateway: Gateway) -> bytes:
     chunks: list[bytes] = []
     size = 0
     idle = gateway.settings.client_body_timeout
+    if content.is_eof():
+        idle = 0.0  # the whole body came with the head (the usual case): no timer at all
     try:
-        async with asyncio.timeout(idle or None) as pause:  # one timer, moved on with each chunk
+        async with asyncio.timeout(idle) if idle else _NO_WAIT as pause:  # one timer, moved on
             while chunk := await content.readany():
                 size += len(chunk)
                 if size > limit:
                     raise _too_large(limit)
                 chunks.append(chunk)
-                if idle:
+                if pause is not None:
                     pause.reschedule(gateway.client.loop.time() + idle)
     except TimeoutError:
         raise RequestTimeout(

@@ -77,46 +77,41 @@ def server_kwargs(settings: Settings) -> dict[str, Any]:
 class GatewayHandler(RequestHandler):
     """One client connection (see the module docstring)."""
 
-    __slots__ = ("_head_timer", "_head_timeout")
+    __slots__ = ("_head_since",)
 
-    def __init__(self, manager: web.Server, *, head_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, manager: web.Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._head_timeout = head_timeout
+        # When the head now awaited began (loop time; 0: none awaited).  No timer per
+        # request: the server sweeps its connections a few times per head timeout.
+        self._head_since = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._arm()  # a new connection must start a request in time
+        self._head_since = self._loop.time()  # a new connection must start a request in time
+        manager = self._manager
+        if isinstance(manager, _GatewayServer):
+            manager.watch()
 
     def data_received(self, data: bytes) -> None:
-        if self._head_timer is None and self._current_request is None and not self._messages:
-            self._arm()  # the first bytes of a new request head
+        if not self._head_since and self._current_request is None and not self._messages:
+            self._head_since = self._loop.time()  # the first bytes of a new request head
         count = self._request_count
         super().data_received(data)
-        if self._request_count != count and self._head_timer is not None:
-            self._head_timer.cancel()  # a whole head arrived
-            self._head_timer = None
+        if self._request_count != count:
+            self._head_since = 0.0  # a whole head arrived
 
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        super().connection_lost(exc)
-
-    def _arm(self) -> None:
-        if self._head_timeout > 0:
-            self._head_timer = self._loop.call_later(self._head_timeout, self._head_late)
-
-    def _head_late(self) -> None:
-        self._head_timer = None
-        if self._current_request is None and not self._messages and self.transport is not None:
-            SLOW_HEADS.info(
-                self._loop.time(),
-                "closing a connection from %s: no complete request head within %g s",
-                _peer(self.transport),
-                self._head_timeout,
-            )
-            self.force_close()
+    def head_late(self, since_before: float, timeout: float) -> None:
+        """Close the connection if the head it awaits began before ``since_before``."""
+        since = self._head_since
+        if since and since < since_before and self._current_request is None and not self._messages:
+            if self.transport is not None:
+                SLOW_HEADS.info(
+                    self._loop.time(),
+                    "closing a connection from %s: no complete request head within %g s",
+                    _peer(self.transport),
+                    timeout,
+                )
+                self.force_close()
 
     def handle_error(
         self,
@@ -167,12 +162,27 @@ def _peer(transport: asyncio.BaseTransport | None) -> str:
 
 
 class _GatewayServer(web.Server):
-    """Makes :class:`GatewayHandler` connections instead of aiohttp's own."""
+    """Makes :class:`GatewayHandler` connections instead of aiohttp's own, and enforces their
+    head timeout with one sweep for all of them (4 looks per timeout, at most one a second)."""
 
     head_timeout: float = 10.0
+    _sweeper: asyncio.TimerHandle | None = None
 
     def __call__(self) -> RequestHandler:
-        return GatewayHandler(self, loop=self._loop, head_timeout=self.head_timeout, **self._kwargs)
+        return GatewayHandler(self, loop=self._loop, **self._kwargs)
+
+    def watch(self) -> None:
+        if self._sweeper is None and self.head_timeout > 0:
+            self._sweeper = self._loop.call_later(min(1.0, self.head_timeout / 4), self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        since_before = self._loop.time() - self.head_timeout
+        for handler in list(self._connections):
+            if isinstance(handler, GatewayHandler):
+                handler.head_late(since_before, self.head_timeout)
+        if self._connections:
+            self.watch()
 
 
 def install(server: web.Server, settings: Settings) -> None:
