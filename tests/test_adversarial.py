@@ -608,12 +608,6 @@ async def test_200_stalled_stream_clients_are_closed_and_the_upstream_released(
             sock.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding, reduced but not closed: ~410 KB of RSS per stalled stream on the development VM "
-    "(was ~1.2 MB; the upstream read size and the pause mark are now 64 KB); the stream is closed "
-    "after CLIENT_WRITE_TIMEOUT_MS all the same",
-)
 async def test_rss_per_stalled_stream_client_is_under_256_kb(
     fresh_gateway: Gateway, upstream: RawUpstream
 ) -> None:

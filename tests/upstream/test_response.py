@@ -548,7 +548,7 @@ async def test_a_head_just_under_the_limit_is_fine() -> None:
 # -- flow control ---------------------------------------------------------------------------
 
 
-async def test_reading_pauses_past_the_high_water_mark_and_resumes_on_readany() -> None:
+async def test_reading_pauses_past_the_high_water_mark_and_resumes_when_the_reader_is_back() -> None:
     piece = b"x" * (HIGH_WATER // 4)
     response, link = new()
     feed(response, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (len(piece) * 8))
@@ -559,9 +559,14 @@ async def test_reading_pauses_past_the_high_water_mark_and_resumes_on_readany() 
     feed(response, piece[1:])
     assert link.calls == ["pause"]  # paused once, not once per feed
     assert await response.readany() == piece * 5
-    assert link.calls == ["pause", "resume"]
+    # Still paused while the reader passes those bytes on (to a client that may be slow):
+    # no second buffer fills up behind it.
+    assert link.calls == ["pause"]
+    waiting = asyncio.ensure_future(response.readany())
+    await asyncio.sleep(0)
+    assert link.calls == ["pause", "resume"]  # back with nothing left to take: resumed
     feed(response, piece, piece)
-    assert await response.readany() == piece * 2
+    assert await waiting == piece * 2
     assert link.calls == ["pause", "resume"]  # below the mark: never paused, nothing to resume
     feed(response, piece)
     assert await response.read() == piece
@@ -629,12 +634,18 @@ async def test_time_paused_for_a_slow_reader_does_not_count() -> None:
     clock.advance(60)  # the reader is slow, not the upstream
     assert response.state is State.BODY
     assert len(await response.readany()) == HIGH_WATER + 1
+    clock.advance(60)  # still passing those bytes on: paused, so not counted either
+    assert response.state is State.BODY and link.calls == ["pause"]
+    waiting = asyncio.ensure_future(response.readany())
+    await asyncio.sleep(0)
     assert link.calls == ["pause", "resume"]
     clock.advance(0.9)
     assert response.state is State.BODY  # counted from the resume
     clock.advance(0.2)
     assert response.state is State.ERROR
     assert link.calls == ["pause", "resume", "abort"]
+    with pytest.raises(ReadTimeout):
+        await waiting
 
 
 async def test_the_deadline_is_for_the_head_only() -> None:

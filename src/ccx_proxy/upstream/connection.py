@@ -17,7 +17,7 @@ from .wire import Origin
 # SO_LINGER on, 0 s: close() sends a RST and drops unsent bytes, instead of the kernel
 # holding them (and the socket) for as long as an upstream that stopped reading wants.
 _RESET = struct.pack("ii", 1, 0)
-_RCVBUF = 64 * 1024
+_RCVBUF = 32 * 1024
 
 if sys.platform == "linux":
     import fcntl

@@ -28,7 +28,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from .errors import BadResponse, DeadlineReached, Disconnected, NothingReceived, ReadTimeout
 
 NEVER = float("inf")
-HIGH_WATER = 64 * 1024  # unread body bytes before the upstream socket is paused
+HIGH_WATER = 32 * 1024  # unread body bytes before the upstream socket is paused
 MAX_HEAD = 64 * 1024  # a response head (or trailer section) larger than this is refused
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())  # until the head is in
 
@@ -318,8 +318,16 @@ class Response:
         return self.state is State.DONE and not self._buffer
 
     async def readany(self) -> bytes:
-        """The body bytes that have arrived (waiting for some); b"" at the end."""
+        """The body bytes that have arrived (waiting for some); b"" at the end.
+
+        A paused upstream is resumed only when the reader comes back with nothing left to
+        take -- after it has passed on what it took -- so a reader stuck writing to a slow
+        client never has a second buffer filling up behind it."""
         while not self._buffer:
+            if self._paused:
+                self._paused = False
+                self._last = self._loop.time()
+                self._link.resume()
             if self._exc is not None:
                 raise self._exc
             if self.state is State.DONE:
@@ -333,10 +341,6 @@ class Response:
         data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
         buffer.clear()
         self._size = 0
-        if self._paused:
-            self._paused = False
-            self._last = self._loop.time()
-            self._link.resume()
         return data
 
     async def read(self, limit: int = -1) -> bytes:
