@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench bench-quick clean screenshots
+.PHONY: install run test lint bench bench-quick bench-memory clean screenshots
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Gateway RSS per idle connection / active stream / stalled stream, and drift per request,
+# side by side with another tree: make bench-memory BENCH_ARGS="--baseline 3c70b95"
+bench-memory: $(STAMP)
+	$(BIN)/python bench/memory.py $(BENCH_ARGS)
 
 # A few seconds, for CI: checks that the harness works, not how fast anything is.
 bench-quick: $(STAMP)
