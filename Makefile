@@ -3,21 +3,30 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# What `make run` needs: the package and its runtime dependencies only (no test/dev extras,
+# no Playwright).  A full install (STAMP) includes it.
+RUN_STAMP := $(VENV)/.run-installed
 
 .PHONY: install run test lint bench bench-quick bench-memory clean screenshots
+
+$(RUN_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	touch $(RUN_STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test,dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
 
 install: $(STAMP)
 
 # The demo: gateway on :3000 plus the built-in mock upstream on :3001, one process.
 # Uses $PROXY_ACCESS_KEY / $ADMIN_ACCESS_KEY when set, else makes them up and prints them.
 KEYGEN = $(BIN)/python -c 'import secrets, sys; print(sys.argv[1] + secrets.token_urlsafe(24))'
-run: $(STAMP)
+run: $(RUN_STAMP)
 	PROXY_ACCESS_KEY="$${PROXY_ACCESS_KEY:-$$($(KEYGEN) ccx-)}" \
 	ADMIN_ACCESS_KEY="$${ADMIN_ACCESS_KEY:-$$($(KEYGEN) admin-)}" \
 		$(BIN)/ccx-proxy serve --with-mock-upstream

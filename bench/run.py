@@ -36,6 +36,10 @@ from procs import Proc, free_port, python  # noqa: E402
 
 ALL = ("latency", "throughput", "big_bodies", "long_streams", "scaling")
 REPO = Path(__file__).resolve().parent.parent
+QUICK_NOTE = (
+    "bench --quick: these figures are NOT measurements (a few requests per scenario, seconds in all); "
+    "this run only checks that the harness works -- run `make bench` for numbers"
+)
 SMALL_BODY = orjson.dumps(
     {
         "model": "claude-sonnet-4-5",
@@ -128,6 +132,8 @@ def main() -> int:
         print("bench: wrk is required for a full run (apt-get install wrk)", file=sys.stderr)
         return 2
     os.sched_setaffinity(0, load_cpus)  # this process is a client too (one-client latency)
+    if args.quick:
+        print(QUICK_NOTE, flush=True)
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ccx-bench-") as tmp_name:
@@ -196,6 +202,8 @@ def main() -> int:
         text, files = report.save(results, Path(args.out))
     print()
     print(text)
+    if args.quick:
+        print(QUICK_NOTE)
     print("results: " + ", ".join(str(f) for f in files))
     print(f"bench took {results['elapsed_s']:.0f} s")
     return 0

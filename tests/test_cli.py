@@ -1,5 +1,6 @@
 """The ``ccx-proxy`` command, run as a real process."""
 
+import argparse
 import json
 import os
 import signal
@@ -12,7 +13,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from ccx_proxy.cli import main
+from ccx_proxy import cli
+from ccx_proxy.cli import follow_mock_port, main
+from ccx_proxy.config import parse_config
 from tests.conftest import unused_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,14 +108,9 @@ def test_version_and_module_entry_point() -> None:
         main(["--help"])
 
 
-async def test_serve_with_mock_upstream_answers_end_to_end() -> None:
+async def test_serve_with_mock_upstream_moves_the_shipped_demo_channel_to_mock_port() -> None:
+    # The shipped channels.json as it is: its demo channel says 127.0.0.1:3001.
     port, mock_port = unused_port(), unused_port()
-    config = REPO / "channels.json"
-    demo = json.loads(config.read_text())
-    demo["channels"][0]["baseUrl"] = f"http://127.0.0.1:{mock_port}"
-    tmp = REPO / ".pytest_cache" / f"channels-{port}.json"
-    tmp.parent.mkdir(exist_ok=True)
-    tmp.write_text(json.dumps(demo))
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -125,7 +123,7 @@ async def test_serve_with_mock_upstream_answers_end_to_end() -> None:
             "--port",
             str(port),
             "--config",
-            str(tmp),
+            str(REPO / "channels.json"),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -152,18 +150,81 @@ async def test_serve_with_mock_upstream_answers_end_to_end() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=10)
-        tmp.unlink()
     assert proc.returncode == 0, stderr
+    assert (
+        f"channel demo-mock now uses http://127.0.0.1:{mock_port} instead of http://127.0.0.1:3001" in stderr
+    )
     assert "cli-key" not in stderr and "mock-upstream-key" not in stderr  # no secret in the log
 
 
+def test_follow_mock_port_moves_only_channels_on_the_default_mock_address() -> None:
+    config = parse_config(
+        {
+            "channels": [
+                {"name": "demo", "baseUrl": "http://127.0.0.1:3001#", "apiKeys": ["k"]},
+                {"name": "local", "baseUrl": "http://localhost:3002", "apiKeys": ["k"]},
+                {
+                    "name": "far",
+                    "baseUrl": "https://a.example:3001",
+                    "baseUrls": ["http://localhost:3001/x"],
+                    "apiKeys": ["k"],
+                },
+            ]
+        },
+        {},
+    )
+    moved = follow_mock_port(config, 4555)
+    assert [c.base_url for c in moved.channels] == [
+        "http://127.0.0.1:4555#",
+        "http://localhost:3002",
+        "https://a.example:3001",
+    ]
+    assert moved.channels[2].base_urls == ("http://localhost:4555/x",)
+    assert moved.channels[0].urls.messages.origin.port == 4555
+    assert follow_mock_port(config, 3001) == config
+
+
+def _busy_port() -> tuple[socket.socket, int]:
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    return busy, busy.getsockname()[1]
+
+
 def test_serve_reports_a_busy_port() -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
+    busy, port = _busy_port()
+    with busy:
         started = time.monotonic()
         result = _run("serve", "--port", str(port), PROXY_ACCESS_KEY="k")
         assert time.monotonic() - started < 20
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "with --port or PORT; another ccx-proxy may already be running there" in result.stderr
+
+
+def test_serve_reports_a_busy_mock_port() -> None:
+    busy, mock_port = _busy_port()
+    with busy:
+        args = ("serve", "--with-mock-upstream", "--port", str(unused_port()), "--mock-port", str(mock_port))
+        result = _run(*args, PROXY_ACCESS_KEY="k")
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{mock_port}" in result.stderr
+    assert "with --mock-port; another ccx-proxy may already be running there" in result.stderr
+
+
+def test_help_states_defaults_and_env_without_markup() -> None:
+    for command in ("", "serve", "check-config", "mock-upstream", "bench"):
+        result = _run(*command.split(), "--help")
+        assert result.returncode == 0, result.stderr
+        assert "``" not in result.stdout and ":class:" not in result.stdout
+    serve = _run("serve", "--help").stdout
+    for text in ("env CHANNELS_FILE", "env BIND_HOST", "env PORT", "env WORKERS", "default 3001"):
+        assert text in " ".join(serve.split())
+    parser = cli._parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        assert sub.description, name
+        for action in sub._actions:
+            if action.help != argparse.SUPPRESS and not isinstance(action, argparse._HelpAction):
+                assert action.help, (name, action.dest)
+                assert action.required or "default" in action.help or "env " in action.help, action.help

@@ -62,8 +62,26 @@ def test_repo_channels_json_is_the_working_demo_default() -> None:
 
 def test_unset_env_var_on_an_active_channel_names_channel_and_variable() -> None:
     (problem,) = problems_of({"channels": [channel("deepseek", "https://x", apiKeys=["${NOPE_KEY}"])]})
-    assert problem.startswith("channels[0].apiKeys[0]:")
-    assert "NOPE_KEY" in problem and "deepseek" in problem
+    assert problem == (
+        "channels[0].apiKeys[0]: environment variable NOPE_KEY is not set (channel 'deepseek' is active)"
+        ' -- export NOPE_KEY=... before starting ccx-proxy, or set the channel\'s "status" to "disabled"'
+    )
+
+
+@pytest.mark.parametrize(
+    "fields, where",
+    [
+        pytest.param({"customHeaders": {"X-Org": "${NOPE_ORG}"}}, "customHeaders.X-Org", id="header"),
+        pytest.param({"proxyUrl": "http://${NOPE_PROXY}:8080"}, "proxyUrl", id="proxy"),
+    ],
+)
+def test_every_unset_env_var_message_names_the_variable_and_the_fix(
+    fields: dict[str, object], where: str
+) -> None:
+    (problem,) = problems_of({"channels": [channel("c", "https://x", **fields)]})
+    var = problem.split("environment variable ")[1].split()[0]
+    assert problem.startswith(f"channels[0].{where}: environment variable NOPE_")
+    assert f"export {var}=..." in problem and '"disabled"' in problem and "'c'" in problem
 
 
 def test_unset_env_var_on_a_disabled_channel_is_fine() -> None:
@@ -195,6 +213,47 @@ def test_ccx_config_json_upstream_array_loads_with_one_warning_per_unknown_field
     assert problems[0].startswith("upstream[0].")
 
 
+@pytest.mark.parametrize(
+    "fields, problem",
+    [
+        pytest.param(
+            {"stauts": "disabled"}, "channels[0].stauts: unknown channel field -- did you mean 'status'?"
+        ),
+        pytest.param(
+            {"baseURL": "https://y"}, "channels[0].baseURL: unknown channel field -- did you mean 'baseUrl'?"
+        ),
+        pytest.param({"apiKey": "k"}, "channels[0].apiKey: unknown channel field -- did you mean 'apiKeys'?"),
+        pytest.param(
+            {"model_mapping": {}},
+            "channels[0].model_mapping: unknown channel field -- did you mean 'modelMapping'?",
+        ),
+    ],
+)
+def test_a_typo_of_a_channel_field_is_an_error_with_a_suggestion(
+    fields: dict[str, object], problem: str
+) -> None:
+    # "stauts" used to be ignored with a warning, leaving the channel active.
+    assert problems_of({"channels": [{**channel("a", "https://a.example"), **fields}]}) == [problem]
+
+
+def test_a_typo_of_a_top_level_field_is_an_error_with_a_suggestion() -> None:
+    data = {"channels": [channel("a", "https://a.example")], "sessionAfinity": {}, "circuitbreaker": {}}
+    assert problems_of(data) == [
+        "circuitbreaker: unknown top-level field -- did you mean 'circuitBreaker'?",
+        "sessionAfinity: unknown top-level field -- did you mean 'sessionAffinity'?",
+    ]
+
+
+def test_unknown_fields_far_from_ours_stay_warnings() -> None:
+    config = parse_config(
+        {"channels": [{**channel("a", "https://a.example"), "someCcxField": True}], "x": 1}, {}
+    )
+    assert sorted(config.warnings) == [
+        "ignoring unknown channel field 'someCcxField' (channels[0])",
+        "ignoring unknown top-level field 'x'",
+    ]
+
+
 def test_active_channels_sort_by_priority_then_file_order() -> None:
     config = parse_config(
         {
@@ -305,3 +364,16 @@ def test_per_channel_resilience_problems_have_paths() -> None:
     assert "channels[0].baseUrls[0]: not an http(s) URL: 'ftp://x'" in problems
     assert any(p.startswith("channels[0].keepaliveMs: must be") for p in problems)
     assert any(p.startswith("channels[0].circuitBreaker.openMs: must be") for p in problems)
+
+
+def test_channel_test_button_names_the_unset_variable_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ccx_proxy.admin.probe import no_key_message
+
+    monkeypatch.delenv("NOPE_KEY", raising=False)
+    config = parse_config(
+        {"channels": [channel("off", "https://x", apiKeys=["${NOPE_KEY}"], status="disabled")]}, {}
+    )
+    message = no_key_message(config.channels[0], 0)
+    assert message.startswith("no usable key at index 0: the channel has 0 resolved key(s); ")
+    assert "environment variable NOPE_KEY is not set -- export NOPE_KEY=... and restart ccx-proxy" in message
+    assert message.endswith('or set the channel\'s "status" to "disabled"')

@@ -285,13 +285,14 @@ async def test_stall_mid_stream_is_an_sse_error_not_a_failover(start_gateway, pa
     async def gate(i: int) -> None:
         await hold.wait()
 
-    a.reply = Reply(chunks=[SSE_BODY[:40], SSE_BODY[40:]], gate=gate)
+    cut = SSE_BODY.index(b"\n\n") + 2 + 40  # the first event whole (the client has a byte), then 40
+    a.reply = Reply(chunks=[SSE_BODY[:cut], SSE_BODY[cut:]], gate=gate)
     client = await start_gateway(
         channel("a", a.url, priority=1), channel("b", b.url, priority=2), keepaliveMs=0, **FAST
     )
     resp, body = await asyncio.wait_for(_post(client), 10)
     assert resp.headers["x-ccx-channel"] == "a"
-    assert body.startswith(SSE_BODY[:40] + b"\n\nevent: error\ndata: ")
+    assert body.startswith(SSE_BODY[:cut] + b"\n\nevent: error\ndata: ")
     assert b"stalled" in body and body.endswith(b"\n\n") and b.requests == []
     hold.set()
 
@@ -379,15 +380,24 @@ async def test_slow_reader_pauses_the_upstream_and_gets_every_byte(start_gateway
 
 async def test_cut_mid_stream_is_an_sse_error_not_a_failover(start_gateway, pair) -> None:
     a, b = pair
-    a.reply = Reply(chunks=[SSE_BODY[:70]], cut=True)
+    cut = SSE_BODY.index(b"\n\n") + 2 + 70  # after the first event: bytes reached the client
+    a.reply = Reply(chunks=[SSE_BODY[:cut]], cut=True)
     client = await start_gateway(channel("a", a.url, priority=1), channel("b", b.url, priority=2))
     resp, body = await _post(client)
     assert resp.status == 200 and resp.headers["x-ccx-channel"] == "a"
-    assert body.startswith(SSE_BODY[:70] + b"\n\nevent: error\ndata: ") and b"broke off" in body
+    assert body.startswith(SSE_BODY[:cut] + b"\n\nevent: error\ndata: ") and b"broke off" in body
     assert b.requests == []
     _no_secret(body, resp)
     health = client.server.app[GATEWAY].health.get("a")
     assert health.breaker.consecutive == 1  # counted against the upstream
+
+
+async def test_cut_inside_the_first_event_fails_over_before_any_byte(start_gateway, pair) -> None:
+    a, b = pair
+    a.reply = Reply(chunks=[SSE_BODY[:40]], cut=True)  # not even the first event is whole
+    client = await start_gateway(channel("a", a.url, priority=1), channel("b", b.url, priority=2))
+    resp, body = await _post(client)
+    assert resp.status == 200 and resp.headers["x-ccx-channel"] == "b" and body == SSE_BODY
 
 
 async def test_client_leaving_during_an_error_body_releases_the_half_open_probe(

@@ -75,3 +75,43 @@ async def test_mock_errors(
     resp = await mock.post("/v1/messages", data=orjson.dumps(body), headers=headers)
     assert resp.status == status
     assert (await resp.json())["error"]["type"] == error_type
+
+
+REMINDER = "<system-reminder>\nAs you answer, use the context below.\n</system-reminder>"
+
+
+@pytest.mark.parametrize(
+    "messages, said",
+    [
+        pytest.param(
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "what is 2+2?"}, {"type": "text", "text": REMINDER}],
+                }
+            ],
+            "what is 2+2?",
+            id="claude-code-reminder-last",
+        ),
+        pytest.param(
+            [
+                {"role": "user", "content": "first question"},
+                {"role": "assistant", "content": "an answer"},
+                {"role": "user", "content": [{"type": "text", "text": REMINDER}]},
+            ],
+            "first question",
+            id="only-reminders-in-the-last-user-message",
+        ),
+        pytest.param(
+            [{"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}],
+            "two",
+            id="last-text-block",
+        ),
+        pytest.param([{"role": "user", "content": REMINDER}], "", id="nothing-typed"),
+    ],
+)
+async def test_echoes_what_the_person_typed_not_system_reminders(
+    mock: Any, messages: list[Any], said: str
+) -> None:
+    message = await (await mock.post("/v1/messages", json={**BODY, "messages": messages}, headers=KEY)).json()
+    assert message["content"][0]["text"] == f"Hello from the ccx-proxy mock upstream (m). You said: {said}"

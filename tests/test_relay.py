@@ -261,7 +261,7 @@ async def test_priority_picks_the_channel_and_allowlist_filters(start_gateway, a
 async def test_upstream_cut_mid_stream_ends_with_an_sse_error_event(
     gateway, fake_upstream: FakeUpstream
 ) -> None:
-    part = SSE_BODY[:60]
+    part = SSE_BODY[: SSE_BODY.index(b"\n\n") + 2 + 60]  # the first event, then 60 bytes of the next
     fake_upstream.reply = Reply(chunks=[part], cut=True)
     resp = await gateway.post("/v1/messages", data=message_body(), headers=AUTH)
     data = await resp.read()

@@ -19,6 +19,8 @@ from ccx_proxy.config import load_config
 from ccx_proxy.state import GATEWAY
 from tests.conftest import AUTH, SSE_BODY, Reply, make_settings, message_body, unused_port
 
+FIRST_EVENT = SSE_BODY.index(b"\n\n") + 2  # the gateway waits for the first whole event
+
 
 def _write(path: Path, channels: list[dict[str, Any]]) -> None:
     tmp = path.with_suffix(".tmp")
@@ -95,7 +97,7 @@ async def test_in_flight_streams_finish_on_the_config_they_started_with(setup: A
     async def gate(i: int) -> None:
         await release.wait()
 
-    a.reply = Reply(chunks=[SSE_BODY[:50], SSE_BODY[50:]], gate=gate)
+    a.reply = Reply(chunks=[SSE_BODY[:FIRST_EVENT], SSE_BODY[FIRST_EVENT:]], gate=gate)
     resp = await client.post("/v1/messages", data=message_body(), headers=AUTH)
     first = await resp.content.readany()
     a.reply = Reply()  # later requests to a are not held

@@ -34,6 +34,8 @@ LIMITS = {
     "client_write_timeout": 0.5,
 }
 
+FIRST_EVENT = SSE_BODY.index(b"\n\n") + 2  # the gateway waits for the first whole event
+
 
 @pytest.fixture
 async def gw(start_gateway, fake_upstream) -> Any:
@@ -254,7 +256,7 @@ async def test_the_concurrent_stream_cap_answers_529_with_retry_after(start_gate
     async def gate(i: int) -> None:
         await hold.wait()
 
-    fake_upstream.reply = Reply(chunks=[SSE_BODY[:40], SSE_BODY[40:]], gate=gate)
+    fake_upstream.reply = Reply(chunks=[SSE_BODY[:FIRST_EVENT], SSE_BODY[FIRST_EVENT:]], gate=gate)
     client = await start_gateway(channel("a", fake_upstream.url), maxConcurrentStreams=1)
     first = await client.post("/v1/messages", data=message_body(), headers=AUTH)
     assert first.status == 200 and await first.content.readany()
@@ -263,7 +265,7 @@ async def test_the_concurrent_stream_cap_answers_529_with_retry_after(start_gate
     assert second.status == 529 and second.headers["Retry-After"] == "1"
     assert "maxConcurrentStreams" in assert_anthropic_error(529, body, "overloaded_error")
     hold.set()
-    assert (await first.read()).endswith(SSE_BODY[40:])
+    assert (await first.read()).endswith(SSE_BODY[FIRST_EVENT:])
     third = await client.post("/v1/messages", data=message_body(), headers=AUTH)
     assert third.status == 200 and await third.read() == SSE_BODY
     assert orjson.loads(body)["type"] == "error"

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from aiohttp import web
+from yarl import URL
 
 from . import __version__, benchmark, redact
 from .app import WATCHER, create_app
-from .config import ConfigError, GatewayConfig, load_config
+from .config import Channel, ConfigError, GatewayConfig, load_config
 from .headers import mask_secret
 from .mock_upstream import DEFAULT_KEY, DEFAULT_PORT, MockUpstream
 from .server import install, server_kwargs
@@ -25,41 +28,93 @@ from .workers import WorkersError, serve_workers, worker_count
 
 log = logging.getLogger("ccx_proxy")
 LISTEN_BACKLOG = 1024
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class _Listen(NamedTuple):
+    """One app to serve, where, and the option that sets its port (named when it is busy)."""
+
+    app: web.Application
+    host: str
+    port: int
+    option: str
+
+
+_DESCRIPTION = "ccx-proxy: an Anthropic Messages gateway that relays to the channels in a channels file."
+_EPILOG = (
+    "Environment: PROXY_ACCESS_KEY (required by serve: the key clients send), ADMIN_ACCESS_KEY "
+    "(enables /admin/), LOG_LEVEL (default INFO). Run 'ccx-proxy COMMAND --help' for a command's options."
+)
+_CONFIG_HELP = "channels file (env CHANNELS_FILE, default ./channels.json)"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ccx-proxy", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ccx-proxy", description=_DESCRIPTION, epilog=_EPILOG)
     parser.add_argument("--version", action="version", version=f"ccx-proxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", help="channels file (env CHANNELS_FILE, default ./channels.json)")
-    serve.add_argument("--host", help="bind address (env BIND_HOST, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (env PORT, default 3000)")
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=f"ccx-proxy {name}: {text}.")
+
+    serve = command("serve", "run the gateway (needs PROXY_ACCESS_KEY)")
+    serve.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
+    serve.add_argument("--host", metavar="HOST", help="bind address (env BIND_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, metavar="PORT", help="gateway port (env PORT, default 3000)")
     serve.add_argument(
         "--with-mock-upstream",
         action="store_true",
-        help="also run the built-in mock upstream (the demo) in the same process",
+        help="also run the built-in mock upstream (the demo) in the same process (default off)",
     )
-    serve.add_argument("--mock-port", type=int, default=DEFAULT_PORT, help="port for --with-mock-upstream")
+    serve.add_argument(
+        "--mock-port",
+        type=int,
+        default=DEFAULT_PORT,
+        metavar="PORT",
+        help=f"mock upstream port for --with-mock-upstream; a channel on 127.0.0.1:{DEFAULT_PORT} "
+        f"follows it (no env, default {DEFAULT_PORT})",
+    )
     serve.add_argument(
         "--workers",
         type=int,
+        metavar="N",
         help="worker processes sharing the port via SO_REUSEPORT (env WORKERS, default 1)",
     )
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor
 
-    check = sub.add_parser("check-config", help="validate a channels file and summarise it")
-    check.add_argument("--config", help="channels file (env CHANNELS_FILE, default ./channels.json)")
+    check = command("check-config", "validate a channels file and summarise it")
+    check.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
 
-    mock = sub.add_parser("mock-upstream", help="run the built-in Anthropic-compatible mock upstream")
-    mock.add_argument("--host", default="127.0.0.1")
-    mock.add_argument("--port", type=int, default=DEFAULT_PORT)
+    mock = command("mock-upstream", "run the built-in Anthropic-compatible mock upstream alone")
+    mock.add_argument("--host", default="127.0.0.1", metavar="HOST", help="bind address (default 127.0.0.1)")
+    mock.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, metavar="PORT", help=f"port (default {DEFAULT_PORT})"
+    )
     mock.add_argument("--key", help=f"upstream key it accepts (env MOCK_UPSTREAM_KEY, default {DEFAULT_KEY})")
 
-    bench = sub.add_parser("bench", help="time an upstream direct vs through a gateway, side by side")
+    bench = command("bench", "time an upstream direct vs through a gateway, side by side")
     benchmark.add_arguments(bench)
+    _complete_help(
+        bench, {"prompt": "the user message sent both ways", "max_tokens": "max_tokens per request"}
+    )
     return parser
+
+
+def _complete_help(parser: argparse.ArgumentParser, missing: dict[str, str]) -> None:
+    """Give every option of ``parser`` a help text (``missing``, by dest, where it has none)
+    that states its default."""
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+            continue
+        text = action.help or missing.get(action.dest) or action.dest.replace("_", " ")
+        if action.required:
+            text += " (required)" if "required" not in text else ""
+        elif "default" not in text and action.default is False:
+            text += " (default off)"
+        elif "default" not in text and action.default is not None:
+            text += " (default %(default)s)"
+        elif "default" not in text and "env " not in text:
+            text += " (default none)"
+        action.help = text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return benchmark.main(args)
     if args.command == "mock-upstream":
         key = args.key or os.environ.get("MOCK_UPSTREAM_KEY") or DEFAULT_KEY
-        return _run(_serve_apps([(MockUpstream(key).app(), args.host, args.port)], None))
+        return _run(_serve_apps([_Listen(MockUpstream(key).app(), args.host, args.port, "--port")], None))
     return serve(args)
 
 
@@ -122,6 +177,8 @@ def serve(args: argparse.Namespace) -> int:
             print("ccx-proxy: --with-mock-upstream runs in one process: use --workers 1", file=sys.stderr)
             return 2
         return serve_workers(settings.host, settings.port, settings.channels_file, workers)
+    if args.with_mock_upstream and args.mock_port != DEFAULT_PORT:
+        config = follow_mock_port(config, args.mock_port)
     for channel in config.channels:
         log.info("channel %s", channel.summary())
     if not config.active:
@@ -134,14 +191,45 @@ def serve(args: argparse.Namespace) -> int:
         log.info("admin API and console disabled: set ADMIN_ACCESS_KEY (not the proxy key) to enable /admin/")
     gateway_app = create_app(settings, config)
     redact.REDACTOR.follow(lambda: gateway_app[GATEWAY].runtime.config)  # reloads included
-    apps = [(gateway_app, settings.host, settings.port)]
+    apps = [_Listen(gateway_app, settings.host, settings.port, "--port or PORT")]
     if args.with_mock_upstream:
         key = os.environ.get("MOCK_UPSTREAM_KEY") or DEFAULT_KEY
-        apps.append((MockUpstream(key).app(), "127.0.0.1", args.mock_port))
+        apps.append(_Listen(MockUpstream(key).app(), "127.0.0.1", args.mock_port, "--mock-port"))
     show_key = args.with_mock_upstream or sys.stdout.isatty()
     worker = args.worker_index  # a worker of serve --workers N: shares the port, one banner for all
     banner = (settings, show_key) if not worker else None
     return _run(_serve_apps(apps, banner, reuse_port=worker is not None))
+
+
+def follow_mock_port(config: GatewayConfig, port: int) -> GatewayConfig:
+    """``config`` with every channel that points at the mock upstream's default address
+    (127.0.0.1:3001, the shipped demo channel) pointed at ``port`` instead, in memory only."""
+
+    def moved(url: str) -> str:
+        try:
+            parsed = URL(url)
+        except ValueError:
+            return url
+        if parsed.host not in _LOCAL_HOSTS or parsed.port != DEFAULT_PORT:
+            return url
+        return url.replace(f":{DEFAULT_PORT}", f":{port}", 1)  # as written, a trailing '#' included
+
+    channels: list[Channel] = []
+    for channel in config.channels:
+        base_url, base_urls = moved(channel.base_url), tuple(moved(u) for u in channel.base_urls)
+        if (base_url, base_urls) != (channel.base_url, channel.base_urls):
+            log.info(
+                "--mock-port %d: channel %s now uses %s instead of %s (in memory only: "
+                "a reload reads %s as written)",
+                port,
+                channel.name,
+                base_url,
+                channel.base_url,
+                config.source or "the channels file",
+            )
+            channel = dataclasses.replace(channel, base_url=base_url, base_urls=base_urls)
+        channels.append(channel)
+    return dataclasses.replace(config, channels=tuple(channels))
 
 
 def _banner(settings: Settings, show_key: bool) -> str:
@@ -165,13 +253,13 @@ def _banner(settings: Settings, show_key: bool) -> str:
 
 
 async def _serve_apps(
-    apps: list[tuple[web.Application, str, int]],
+    apps: list[_Listen],
     banner: tuple[Settings, bool] | None,
     reuse_port: bool = False,
 ) -> int:
     runners = []
     try:
-        for app, host, port in apps:
+        for app, host, port, option in apps:
             gateway = app.get(GATEWAY)
             if gateway is not None:  # the gateway: its client-side limits (ccx_proxy.server)
                 runner = web.AppRunner(app, access_log=None, **server_kwargs(gateway.settings))
@@ -186,7 +274,11 @@ async def _serve_apps(
                 # backlog: bursts of new streams overflowed the default 128 (SYN retries cost 1 s)
                 await web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port).start()
             except OSError as exc:
-                print(f"ccx-proxy: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+                print(
+                    f"ccx-proxy: cannot listen on {host}:{port}: {exc.strerror} -- choose another port "
+                    f"with {option}; another ccx-proxy may already be running there",
+                    file=sys.stderr,
+                )
                 return 1
             log.info("listening on %s:%d", host, port)
         if banner is not None:
@@ -199,7 +291,7 @@ async def _serve_apps(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        watchers = [app[WATCHER] for app, _, _ in apps if WATCHER in app]
+        watchers = [listen.app[WATCHER] for listen in apps if WATCHER in listen.app]
         if watchers:  # SIGHUP: re-read the channels file now
             loop.add_signal_handler(signal.SIGHUP, lambda: [w.reload("SIGHUP") for w in watchers])
         await stop.wait()

@@ -8,6 +8,7 @@ whose Messages channels sit in its ``upstream`` array, loads too.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -30,6 +31,7 @@ from .policy import (
     Timeouts,
     parse_section,
 )
+from .thinking import OFF, THINKING_FIELDS, ThinkingOptions, parse_thinking
 from .upstream.wire import Endpoints, Proxy, WireError, endpoints, environment_proxy, parse_proxy
 
 ServiceType = Literal["claude"]
@@ -57,6 +59,7 @@ CHANNEL_FIELDS = frozenset(
         "proxyUrl",
         "insecureSkipVerify",
         "forwardAcceptEncoding",
+        *THINKING_FIELDS,
         *TIMEOUT_FIELDS,
     }
 )
@@ -64,6 +67,26 @@ IDENTITY = ("Accept-Encoding", "identity")  # plain bytes from upstreams: see fo
 TOP_LEVEL_FIELDS = frozenset(
     {"channels", "upstream", "circuitBreaker", "sessionAffinity", *TIMEOUT_FIELDS, *ROUTING_FIELDS}
 )
+
+# Fields of CCX's own config.json that this gateway does not use: one warning each, never an
+# error (a CCX file loads as it is).  Any other unknown field is an error when it is close to
+# one of ours (a typo such as "stauts" must not silently leave a channel active) and a warning
+# otherwise.
+CCX_CHANNEL_FIELDS = frozenset({"id", "description", "website"})
+CCX_TOP_LEVEL_FIELDS = frozenset({"currentUpstream", "loadBalance"})
+_TYPO_CUTOFF = 0.75
+
+
+def _unknown_field(name: str, known: frozenset[str], ccx: frozenset[str]) -> str | None:
+    """The field ``name`` is probably a typo of, or None to ignore it with a warning."""
+    if name in ccx:
+        return None
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=_TYPO_CUTOFF)
+    if not close:
+        lowered = {k.lower(): k for k in known}
+        close = [lowered[name.lower()]] if name.lower() in lowered else []
+    return close[0] if close else None
+
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -98,6 +121,7 @@ class Channel:
     proxies: tuple[Proxy | None, ...] = ()
     insecure_skip_verify: bool = False
     forward_accept_encoding: bool = False
+    thinking: ThinkingOptions = OFF  # thinkingSignatures, thinkingPassback, stripBillingBlock
     # Compiled once, from the fields above:
     models: ModelTable = field(init=False, repr=False, compare=False)
     allowlist: Allowlist = field(init=False, repr=False, compare=False)
@@ -207,7 +231,11 @@ def parse_config(data: Any, env: Mapping[str, str], source: str | None = None) -
         raise ConfigError(['top level: missing "channels" array'])
     unknown_top = sorted(set(data) - TOP_LEVEL_FIELDS)
     for name in unknown_top:
-        warnings.append(f"ignoring unknown top-level field {name!r}")
+        typo_of = _unknown_field(name, TOP_LEVEL_FIELDS, CCX_TOP_LEVEL_FIELDS)
+        if typo_of is not None:
+            problems.append(f"{name}: unknown top-level field -- did you mean {typo_of!r}?")
+        else:
+            warnings.append(f"ignoring unknown top-level field {name!r}")
     items = data[key]
     if not isinstance(items, list):
         raise ConfigError([f"{key}: must be an array of channel objects"])
@@ -232,7 +260,12 @@ def parse_config(data: Any, env: Mapping[str, str], source: str | None = None) -
             problems.append(f"{where}: must be an object")
             continue
         for name in item:
-            if name not in CHANNEL_FIELDS:
+            if name in CHANNEL_FIELDS:
+                continue
+            typo_of = _unknown_field(name, CHANNEL_FIELDS, CCX_CHANNEL_FIELDS)
+            if typo_of is not None:
+                problems.append(f"{where}.{name}: unknown channel field -- did you mean {typo_of!r}?")
+            else:
                 unknown_fields.setdefault(name, []).append(where)
         raw_name = item.get("name")
         if isinstance(raw_name, str) and raw_name.strip():
@@ -386,6 +419,24 @@ def _owner(value: str, env: Mapping[str, str]) -> str | None:
     return None
 
 
+def unset_message(missing: list[str], channel: object) -> str:
+    """Why an active channel cannot load: its ``${VAR}`` references are unset, and the fix."""
+    names = list(dict.fromkeys(missing))
+    exports = " ".join(f"{var}=..." for var in names)
+    which = f"channel {channel!r}" if isinstance(channel, str) and channel else "the channel"
+    return (
+        f"environment variable {', '.join(names)} {'is' if len(names) == 1 else 'are'} not set "
+        f"({which} is active) -- export {exports} before starting ccx-proxy, "
+        'or set the channel\'s "status" to "disabled"'
+    )
+
+
+def unset_variables(refs: tuple[str, ...], env: Mapping[str, str]) -> list[str]:
+    """The variables that ``refs`` (values as written) name and ``env`` leaves unset or empty."""
+    found = (m.group(1) for ref in refs for m in _ENV_REF.finditer(ref))
+    return [var for var in dict.fromkeys(found) if not env.get(var)]
+
+
 def _refusal(refused: list[str]) -> str:
     return (
         f"{'; '.join(refused)}: a channel may not use PROXY_ACCESS_KEY, EXTRA_PROXY_ACCESS_KEYS "
@@ -449,10 +500,7 @@ def _parse_channel(
                 continue
             if missing:
                 if active:
-                    f.problem(
-                        f"apiKeys[{i}]",
-                        f"environment variable {', '.join(missing)} is not set (channel {name!r} is active)",
-                    )
+                    f.problem(f"apiKeys[{i}]", unset_message(missing, name))
                 continue
             if any(c.isspace() or not c.isprintable() for c in resolved) or not resolved.isascii():
                 f.problem(f"apiKeys[{i}]", "must be printable ASCII without whitespace")
@@ -483,10 +531,7 @@ def _parse_channel(
                 if refused:
                     f.problem(f"customHeaders.{hname}", _refusal(refused))
                 elif missing and active:
-                    f.problem(
-                        f"customHeaders.{hname}",
-                        f"environment variable {', '.join(missing)} is not set",
-                    )
+                    f.problem(f"customHeaders.{hname}", unset_message(missing, name))
                 elif any(c != "\t" and not c.isprintable() for c in value):
                     f.problem(f"customHeaders.{hname}", "must not contain line breaks or control characters")
                 else:
@@ -500,6 +545,7 @@ def _parse_channel(
             "anyone on the path can read its keys and traffic"
         )
     forward_encoding = f.flag("forwardAcceptEncoding")
+    thinking = parse_thinking(item, where, problems, base_url)
 
     timeouts = _timeouts(
         {k: v for k, v in item.items() if k in TIMEOUT_FIELDS}, where, problems, default_timeouts
@@ -532,6 +578,7 @@ def _parse_channel(
         proxies=proxies,
         insecure_skip_verify=insecure,
         forward_accept_encoding=forward_encoding,
+        thinking=thinking,
     )
 
 
@@ -560,7 +607,7 @@ def _egress(
             return raw, ()
         if missing:
             if active:
-                f.problem("proxyUrl", f"environment variable {', '.join(missing)} is not set")
+                f.problem("proxyUrl", unset_message(missing, f.item.get("name")))
             return raw, ()
         try:
             proxy = parse_proxy(value)

@@ -24,18 +24,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import orjson
 from multidict import CIMultiDict
 
 from .body import ModelField, replace_model
-from .errors import GatewayError, NoChannelAvailable, UpstreamKeyRejected
+from .errors import GatewayError, NoChannelAvailable, UpstreamKeyRejected, error_body
 from .headers import client_response_headers, mask_secret, scrub_head, upstream_header_block
 from .health import ChannelHealth, HealthRegistry, KeyHealth, retry_after_seconds
 from .policy import RoutingPolicy
 from .routing import Candidate
+from .thinking import rewrite
 from .upstream.attempt import Attempt, Next
-from .upstream.bodies import ERROR_BODY_LIMIT, client_error_body
+from .upstream.bodies import ERROR_BODY_LIMIT, client_error_body, scrub
 from .upstream.client import UpstreamClient
 from .upstream.errors import ProxyFailed, UpstreamFailure, to_gateway_error
 from .upstream.response import Response
@@ -48,6 +51,8 @@ KEY_REJECTED = frozenset({401, 402, 403})
 RATE_LIMITED = 429
 OVERLOADED = 529
 PROXY_AUTH = 407
+SSE = "text/event-stream"
+_BURST_CODES = frozenset({"1302", "1303"})  # GLM: burst / concurrency limits, sent as 200 + error event
 FAILOVER_STATUSES = FAILOVER_SERVER | KEY_REJECTED | {RATE_LIMITED, OVERLOADED}
 
 
@@ -267,6 +272,8 @@ async def _attempt(
     channel = candidate.channel
     model = req.model
     payload = req.body if candidate.model == model.name else replace_model(req.body, model, candidate.model)
+    if channel.thinking.enabled:  # per channel, off unless set: the byte-exact path stays untouched
+        payload = rewrite(payload, channel.thinking)
     endpoint = urls.count_tokens if req.count_tokens else urls.messages
     timeouts = channel.timeouts
     req.budget -= 1
@@ -299,6 +306,10 @@ async def _attempt(
         refused = ProxyFailed(f"proxy {proxy.display} answered 407: its credentials are missing or wrong")
         return _failed(req, attempt, endpoint.origin.host, to_gateway_error(refused, channel.name))
     if status not in FAILOVER_STATUSES:
+        if status == 200 and response.content_type == SSE:
+            verdict = await _error_first(req, candidate, endpoint.origin.host, attempt, response)
+            if verdict is not None:
+                return verdict
         return Connected(response, attempt, req.started)
     try:
         async with asyncio.timeout_at(req.deadline):
@@ -314,19 +325,33 @@ async def _attempt(
     reason = scrub_head(headers, response.reason, channel.secrets)  # an upstream may echo its key
     body = client_error_body(status, headers, raw, channel.secrets)
     req.outcome.last = ErrorAnswer(status, reason, headers, body, channel.name)
+    return _judge(req, candidate, endpoint.origin.host, attempt, status, body, response.headers)
+
+
+def _judge(
+    req: _Request,
+    candidate: Candidate,
+    host: str,
+    attempt: Attempt,
+    status: int,
+    body: bytes,
+    upstream_headers: Mapping[str, str],
+) -> Next:
+    """What an upstream's failover-worthy answer does to the attempt, and where to go next."""
+    channel = candidate.channel
     masked = mask_secret(attempt.api_key)  # only on the failure path: it costs a little on every request
     req.outcome.tried.append(f"{channel.name} key {masked}: upstream {status}")
     log.warning(
         "channel %r (%s, key %s): upstream answered %d, failing over: %r",
         channel.name,
-        endpoint.origin.host,
+        host,
         masked,
         status,
         body[:300].decode("utf-8", "replace"),  # keys already masked
     )
     policy = req.policy
     if status == RATE_LIMITED:
-        wait = retry_after_seconds(response.headers)
+        wait = retry_after_seconds(upstream_headers)
         wait = policy.rateLimitCooldownMs / 1000 if wait is None else wait
         wait = min(wait, policy.rateLimitCooldownCapMs / 1000)
         attempt.rate_limited(wait, f"rate limited (429) on {candidate.model}, cooling down {wait:.0f}s")
@@ -339,6 +364,71 @@ async def _attempt(
         return Next.CHANNEL
     attempt.failed(f"upstream {status}")
     return Next.URL
+
+
+async def _error_first(
+    req: _Request, candidate: Candidate, host: str, attempt: Attempt, response: Response
+) -> Next | None:
+    """A 200 stream whose first event is an error (GLM's burst limits 1302/1303, an
+    overloaded upstream) is a failed attempt like a 529 or 429, and the client never sees
+    it: the first event is awaited (within the first-byte timeout) before anything is sent.
+    None: the stream is good (its bytes stay unread for the relay)."""
+    channel = candidate.channel
+    try:
+        first = await response.first_event()
+    except asyncio.CancelledError:
+        response.close()
+        attempt.release()
+        raise
+    except Exception as exc:
+        response.close()
+        error = to_gateway_error(exc, channel.name)
+        if error is None:
+            attempt.release()
+            raise
+        return _failed(req, attempt, host, error)
+    found = stream_error(first)
+    if found is None:
+        return None
+    status, body = found
+    response.close()
+    headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
+    body = scrub(body, channel.secrets)
+    req.outcome.last = ErrorAnswer(status, "", headers, body, channel.name)
+    return _judge(req, candidate, host, attempt, status, body, headers)
+
+
+def stream_error(first: bytes) -> tuple[int, bytes] | None:
+    """(the status it stands for, an Anthropic error body) when a stream's first event is an
+    error that another upstream could do better on; None for anything else -- including
+    an error about the request itself, which the client gets as the upstream sent it."""
+    head = first.lstrip(b"\r\n")
+    if not (head.startswith(b"event: error") or head.startswith(b"event:error")):
+        return None
+    end = min((i for i in (head.find(b"\n\n"), head.find(b"\r\n\r\n")) if i >= 0), default=len(head))
+    data = b"".join(
+        line[5:].strip()
+        for line in head[:end].replace(b"\r\n", b"\n").split(b"\n")
+        if line.startswith(b"data:")
+    )
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        payload = None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    error = error if isinstance(error, dict) else {}
+    kind = error.get("type") if isinstance(error.get("type"), str) else "api_error"
+    code = str(error.get("code", ""))
+    if code in _BURST_CODES or kind == "rate_limit_error":
+        status, kind = RATE_LIMITED, "rate_limit_error"
+    elif kind == "overloaded_error":
+        status = OVERLOADED
+    elif kind == "api_error":
+        status = 500
+    else:
+        return None  # invalid_request_error and the like: the request's own fault
+    message = error.get("message") if isinstance(error.get("message"), str) else "error event"
+    return status, error_body(kind, f"upstream stream began with an error: {message}"[:1000])
 
 
 def _failed(req: _Request, attempt: Attempt, host: str, error: GatewayError | None) -> Next:

@@ -43,16 +43,27 @@ def _int_header(request: web.Request, name: str, default: int, upper: int) -> in
     return min(int(raw), upper)
 
 
+def _said(messages: list[Any]) -> str:
+    """The text of the last user message that a person typed: its last text block that is not
+    a ``<system-reminder>`` (Claude Code ends user messages with those)."""
+    for message in reversed(messages):
+        if not isinstance(message, dict) or message.get("role", "user") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            blocks = [content]
+        elif isinstance(content, list):
+            blocks = [b["text"] for b in content if isinstance(b, dict) and isinstance(b.get("text"), str)]
+        else:
+            continue
+        texts = [t for t in blocks if not t.lstrip().startswith("<system-reminder>")]
+        if texts:
+            return texts[-1]
+    return ""
+
+
 def _reply_text(model: str, messages: list[Any]) -> str:
-    said = ""
-    last = messages[-1] if messages else {}
-    content = last.get("content") if isinstance(last, dict) else None
-    if isinstance(content, str):
-        said = content
-    elif isinstance(content, list):
-        texts = [b["text"] for b in content if isinstance(b, dict) and isinstance(b.get("text"), str)]
-        said = texts[-1] if texts else ""
-    said = " ".join(said.split())[:200]
+    said = " ".join(_said(messages).split())[:200]
     return f"Hello from the ccx-proxy mock upstream ({model}). You said: {said}"
 
 

@@ -12,6 +12,7 @@ does not touch the channel's live health.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ import orjson
 from multidict import CIMultiDict
 
 from .. import __version__
-from ..config import Channel
+from ..config import Channel, unset_variables
 from ..headers import upstream_header_block
 from ..upstream.bodies import client_error_body, scrub
 from ..upstream.client import UpstreamClient
@@ -55,10 +56,7 @@ async def probe_channel(client: UpstreamClient, channel: Channel, params: dict[s
         result["error"] = 'mode must be "count_tokens" or "message", model a string'
         return result
     if not isinstance(key_index, int) or not 0 <= key_index < len(channel.api_keys):
-        result["error"] = (
-            f"no usable key at index {key_index}: the channel has {len(channel.api_keys)} resolved key(s)"
-            " (a ${VAR} key whose variable is unset cannot be used)"
-        )
+        result["error"] = no_key_message(channel, key_index)
         return result
     upstream_model = channel.models.lookup(model)
     result["upstreamModel"] = upstream_model
@@ -75,6 +73,18 @@ async def probe_channel(client: UpstreamClient, channel: Channel, params: dict[s
         result["error"] = "; ".join(f"{u['url']}: {u['error']}" for u in urls if not u["ok"])
     result["urls"] = urls
     return result
+
+
+def no_key_message(channel: Channel, key_index: object) -> str:
+    text = f"no usable key at index {key_index}: the channel has {len(channel.api_keys)} resolved key(s)"
+    unset = unset_variables(channel.key_refs, os.environ)
+    if not unset:
+        return text
+    exports = " ".join(f"{var}=..." for var in unset)
+    return (
+        f"{text}; environment variable {', '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set"
+        f' -- export {exports} and restart ccx-proxy, or set the channel\'s "status" to "disabled"'
+    )
 
 
 async def _probe_url(

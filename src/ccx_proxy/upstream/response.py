@@ -343,6 +343,32 @@ class Response:
         self._size = 0
         return data
 
+    async def first_event(self) -> bytes:
+        """The start of the body, left unread: waits until it holds a whole first SSE event
+        (a blank line), HIGH_WATER bytes, or the body's end -- within the read timeout.
+
+        For the relay's check of a 200 stream whose first event is an error; it adds one
+        look at the buffer when the event came with the headers (the usual case)."""
+        buffer = self._buffer
+        while True:
+            if buffer:
+                if len(buffer) > 1:  # one piece from now on (the same list: on_body appends to it)
+                    joined = b"".join(buffer)
+                    buffer.clear()
+                    buffer.append(joined)
+                data = buffer[0]
+                if b"\n\n" in data or b"\r\n\r\n" in data or len(data) >= HIGH_WATER:
+                    return data
+            if self._exc is not None:
+                raise self._exc
+            if self.state is State.DONE:
+                return buffer[0] if buffer else b""
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
     async def read(self, limit: int = -1) -> bytes:
         """The rest of the body (at most ``limit`` bytes when limit >= 0)."""
         parts: list[bytes] = []
