@@ -242,7 +242,7 @@ async def test_status_reorder_delete(admin: Any, channels_file: Path) -> None:
     resp = await admin.patch(f"{BASE}/mock/status", json={"status": "disabled"}, headers=ADMIN)
     assert resp.status == 200
     served = await admin.post("/v1/messages", data=message_body(), headers=AUTH)
-    assert served.status == 404  # the only active channel was just disabled
+    assert served.status == 400  # model_not_found: the only active channel was just disabled
     resp = await admin.delete(f"{BASE}/deepseek", headers=ADMIN)
     assert resp.status == 200
     assert [c["name"] for c in json.loads(channels_file.read_text())["channels"]] == ["mock"]

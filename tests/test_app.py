@@ -101,10 +101,27 @@ async def test_unknown_model_is_model_not_found(start_gateway, fake_upstream: Fa
     )
     for model in ("gpt-4o", "claude-2.1"):
         resp = await client.post("/v1/messages", data=message_body(model), headers=AUTH)
-        assert resp.status == 404
-        message = assert_anthropic_error(404, await resp.read(), "not_found_error")
-        assert message.startswith("model_not_found:") and repr(model) in message
+        # A 400, not a 404: Claude Code prints a 400's message as is (see test_claude_code).
+        assert resp.status == 400 and resp.headers["x-should-retry"] == "false"
+        message = assert_anthropic_error(400, await resp.read(), "invalid_request_error")
+        assert message.startswith(f"model_not_found: this gateway does not serve model {model!r}; ")
+        # It names the first ten ids GET /v1/models lists, and how many more there are.
+        assert "it serves claude-opus-4-8, claude-opus-4-7, " in message and "(GET /v1/models" in message
     assert fake_upstream.requests == []
+
+
+async def test_model_not_found_names_at_most_ten_served_ids(
+    start_gateway, fake_upstream: FakeUpstream
+) -> None:
+    ids = [f"claude-custom-{i}" for i in range(12)]
+    client = await start_gateway(channel("c", fake_upstream.url, supportedModels=ids))
+    resp = await client.post("/v1/messages", data=message_body("claude-other"), headers=AUTH)
+    message = assert_anthropic_error(400, await resp.read(), "invalid_request_error")
+    assert ", ".join(ids[:10]) + " and 2 more (GET /v1/models lists them)" in message
+    nothing = await start_gateway(channel("off", fake_upstream.url, status="disabled"))
+    resp = await nothing.post("/v1/messages", data=message_body(), headers=AUTH)
+    message = assert_anthropic_error(400, await resp.read(), "invalid_request_error")
+    assert message.startswith("model_not_found:") and "lists no model" in message
 
 
 async def test_allowlist_admits_the_mapped_name_too(start_gateway, fake_upstream: FakeUpstream) -> None:
@@ -119,9 +136,14 @@ async def test_allowlist_admits_the_mapped_name_too(start_gateway, fake_upstream
 @pytest.mark.parametrize(
     "method, path, status, fragment",
     [
-        pytest.param("POST", "/v1/v1/messages", 404, "without /v1", id="doubled-v1"),
-        pytest.param("POST", "/api/v1/messages", 404, "without /v1", id="prefixed"),
+        # A wrong ANTHROPIC_BASE_URL is a 400: Claude Code prints its message verbatim.
+        pytest.param("POST", "/v1/v1/messages", 400, "without /v1", id="doubled-v1"),
+        pytest.param("POST", "/api/v1/messages", 400, "without /v1", id="prefixed"),
+        pytest.param("POST", "/v1/messages/v1/messages", 400, "set it to the gateway root", id="messages"),
+        pytest.param("POST", "/x/v1/messages/count_tokens", 400, "without /v1", id="count-tokens"),
+        pytest.param("GET", "/v1/v1/models", 400, "without /v1", id="doubled-v1-models"),
         pytest.param("GET", "/nope", 404, "the gateway serves POST /v1/messages", id="unknown"),
+        pytest.param("POST", "/v1/messages/batches", 404, "the gateway serves", id="batches"),
         pytest.param("GET", "/v1/messages", 405, "use POST", id="get-messages"),
         pytest.param("DELETE", "/v1/models", 405, "not allowed", id="delete-models"),
     ],
@@ -174,30 +196,39 @@ async def test_models_list_and_get(start_gateway, fake_upstream: FakeUpstream) -
     resp = await client.get("/v1/models", headers=AUTH)
     page = orjson.loads(await resp.read())
     ids = [m["id"] for m in page["data"]]
-    assert ids == ["opus", "sonnet", "claude-exact", "haiku"]
-    assert page["has_more"] is False and page["first_id"] == "opus" and page["last_id"] == "haiku"
-    assert all(
-        m["type"] == "model" and m["display_name"] == m["id"] and m["created_at"] for m in page["data"]
-    )
+    # "a": its exact allowlist entry; "b": the Claude Code ids its mapping covers.  Never a
+    # bare mapping key ("opus"), never a suspended channel's names.
+    expected = [
+        "claude-exact",
+        "claude-sonnet-5",
+        "claude-sonnet-4-6",
+        "claude-sonnet-4-5",
+        "claude-haiku-4-5",
+    ]
+    assert ids == expected
+    assert page["has_more"] is False and page["first_id"] == ids[0] and page["last_id"] == ids[-1]
+    assert all(m["type"] == "model" and m["created_at"] for m in page["data"])
+    assert page["data"][1]["display_name"] == "Claude Sonnet 5"
 
     two = orjson.loads(await (await client.get("/v1/models?limit=2", headers=AUTH)).read())
-    assert [m["id"] for m in two["data"]] == ["opus", "sonnet"] and two["has_more"] is True
-    rest = orjson.loads(await (await client.get("/v1/models?after_id=sonnet", headers=AUTH)).read())
-    assert [m["id"] for m in rest["data"]] == ["claude-exact", "haiku"] and rest["has_more"] is False
-    back = orjson.loads(await (await client.get("/v1/models?before_id=haiku&limit=1", headers=AUTH)).read())
-    assert [m["id"] for m in back["data"]] == ["claude-exact"] and back["has_more"] is True
+    assert [m["id"] for m in two["data"]] == expected[:2] and two["has_more"] is True
+    after = "/v1/models?after_id=claude-sonnet-5"
+    rest = orjson.loads(await (await client.get(after, headers=AUTH)).read())
+    assert [m["id"] for m in rest["data"]] == expected[2:] and rest["has_more"] is False
+    before = "/v1/models?before_id=claude-haiku-4-5&limit=1"
+    back = orjson.loads(await (await client.get(before, headers=AUTH)).read())
+    assert [m["id"] for m in back["data"]] == ["claude-sonnet-4-5"] and back["has_more"] is True
 
     bad = await client.get("/v1/models?limit=0", headers=AUTH)
     assert bad.status == 400
     assert_anthropic_error(400, await bad.read(), "invalid_request_error")
 
-    one = await client.get("/v1/models/sonnet", headers=AUTH)
-    assert orjson.loads(await one.read())["id"] == "sonnet"
-    routed = await client.get("/v1/models/claude-opus-4-1", headers=AUTH)
-    assert routed.status == 200 and orjson.loads(await routed.read())["id"] == "claude-opus-4-1"
-    missing = await client.get("/v1/models/hidden", headers=AUTH)
-    assert missing.status == 200  # channel "b" has an empty allowlist: it serves any name
-    nowhere = await start_gateway(channel("strict", fake_upstream.url, supportedModels=["only-this"]))
-    resp = await nowhere.get("/v1/models/other", headers=AUTH)
-    assert resp.status == 404
-    assert assert_anthropic_error(404, await resp.read(), "not_found_error").startswith("model_not_found:")
+    one = await client.get("/v1/models/claude-sonnet-4-6", headers=AUTH)
+    assert orjson.loads(await one.read()) == page["data"][2]
+    # Only what the list holds: not a bare key, not a name merely routed, not a suspended one.
+    for model_id in ("sonnet", "claude-opus-4-1", "hidden", "c-anything"):
+        resp = await client.get(f"/v1/models/{model_id}", headers=AUTH)
+        assert resp.status == 404, model_id
+        message = assert_anthropic_error(404, await resp.read(), "not_found_error")
+        assert message.startswith(f"model_not_found: this gateway does not serve model {model_id!r}")
+        assert "it serves claude-exact, claude-sonnet-5" in message

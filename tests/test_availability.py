@@ -392,7 +392,7 @@ async def _too_large_chunked(client: Any) -> Any:
         pytest.param(_wrong_key, 401, "authentication_error", id="401-wrong-key"),
         pytest.param(_missing_key, 401, "authentication_error", id="401-missing-key"),
         pytest.param(_unknown_path, 404, "not_found_error", id="404-unknown-path"),
-        pytest.param(_unknown_model, 404, "not_found_error", id="404-model-not-found"),
+        pytest.param(_unknown_model, 400, "invalid_request_error", id="400-model-not-found"),
         pytest.param(_wrong_method, 405, "invalid_request_error", id="405-method"),
         pytest.param(_too_large, 413, "request_too_large", id="413-body-too-large"),
         pytest.param(_too_large_chunked, 413, "request_too_large", id="413-chunked-body-too-large"),

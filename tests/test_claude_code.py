@@ -10,6 +10,7 @@ Skipped where ``claude`` (npm install -g @anthropic-ai/claude-code) or node is m
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import time
@@ -64,8 +65,19 @@ async def gateway_url(aiohttp_server: Any, start_gateway: Any) -> str:
     return str(gateway.make_url("")).rstrip("/")
 
 
-async def _claude_p(claude: str, home: Path, base_url: str, api_key: str, limit: float) -> Run:
-    """``claude -p hi`` with a clean environment; killed (and the test failed) past ``limit``."""
+async def _claude_p(
+    claude: str,
+    home: Path,
+    base_url: str,
+    api_key: str,
+    limit: float,
+    *args: str,
+    essential_only: bool = True,
+    **extra_env: str,
+) -> Run:
+    """``claude -p hi [args]`` with a clean environment; killed (and the test failed) past
+    ``limit``.  ``essential_only=False`` leaves out CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC
+    (with it Claude Code skips gateway model discovery)."""
     config = home / ".claude"
     config.mkdir()
     env = {
@@ -80,12 +92,16 @@ async def _claude_p(claude: str, home: Path, base_url: str, api_key: str, limit:
         "DISABLE_TELEMETRY": "1",
         "DISABLE_ERROR_REPORTING": "1",
         "NO_PROXY": "127.0.0.1,localhost",
+        **extra_env,
     }
+    if not essential_only:
+        del env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"]
     started = time.monotonic()
     process = await asyncio.create_subprocess_exec(
         claude,
         "-p",
         "hi",
+        *args,
         cwd=home,
         env=env,
         stdin=asyncio.subprocess.DEVNULL,
@@ -138,3 +154,78 @@ async def test_a_refused_channel_key_ends_claude_at_once_naming_the_operator(
     assert "API Error: 502 upstream channel 'mock' refused the gateway's key (401" in run.output, run
     assert "sk-revoked-upstream-key-0000" not in run.output
     assert run.seconds < WRONG_KEY_LIMIT
+
+
+async def test_a_denied_model_ends_claude_at_once_naming_the_served_models(
+    claude: str, aiohttp_server: Any, start_gateway: Any, tmp_path: Path
+) -> None:
+    mock = await aiohttp_server(MockUpstream().app(), host="127.0.0.1")
+    gateway = await start_gateway(
+        {
+            "name": "mock",
+            "baseUrl": str(mock.make_url("")),
+            "apiKeys": [DEFAULT_KEY],
+            "modelMapping": {"sonnet": "mock-sonnet"},
+            "supportedModels": ["claude-sonnet-*"],
+        }
+    )
+    url = str(gateway.make_url("")).rstrip("/")
+    run = await _claude_p(claude, tmp_path, url, ACCESS_KEY, WRONG_KEY_LIMIT, "--model", "claude-opus-4-8")
+    # A 404 would print Claude Code's own "There's an issue with the selected model"; the
+    # gateway's 400 is printed verbatim:
+    # "API Error: 400 model_not_found: this gateway does not serve model 'claude-opus-4-8'; it
+    # serves claude-sonnet-5, claude-sonnet-4-6, claude-sonnet-4-5 (GET /v1/models lists them)"
+    assert run.returncode != 0, run
+    assert (
+        "API Error: 400 model_not_found: this gateway does not serve model 'claude-opus-4-8'; "
+        "it serves claude-sonnet-5, claude-sonnet-4-6, claude-sonnet-4-5 (GET /v1/models lists them)"
+    ) in run.output, run
+    assert "issue with the selected model" not in run.output, run
+    assert run.seconds < WRONG_KEY_LIMIT
+
+
+@pytest.mark.parametrize("suffix", ["/v1", "/v1/messages"])
+async def test_a_base_url_with_v1_tells_the_user_to_use_the_gateway_root(
+    claude: str, gateway_url: str, tmp_path: Path, suffix: str
+) -> None:
+    run = await _claude_p(claude, tmp_path, gateway_url + suffix, ACCESS_KEY, WRONG_KEY_LIMIT)
+    # Claude Code prints: "API Error: 400 wrong ANTHROPIC_BASE_URL: set it to the gateway root
+    # (e.g. http://gateway-host:3000), without /v1 -- clients append /v1/messages themselves
+    # (this request went to /v1/v1/messages)"
+    assert run.returncode != 0, run
+    assert "API Error: 400 wrong ANTHROPIC_BASE_URL: set it to the gateway root" in run.output, run
+    assert f"(this request went to {suffix}/v1/messages)" in run.output, run
+    assert "issue with the selected model" not in run.output, run
+    assert run.seconds < WRONG_KEY_LIMIT
+
+
+async def test_gateway_model_discovery_caches_exactly_the_served_claude_ids(
+    claude: str, gateway_url: str, tmp_path: Path
+) -> None:
+    run = await _claude_p(
+        claude,
+        tmp_path,
+        gateway_url,
+        ACCESS_KEY,
+        ANSWER_LIMIT,
+        essential_only=False,
+        CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY="1",
+    )
+    assert run.returncode == 0, run
+    # Claude Code 2.1 fetches GET /v1/models?limit=1000, keeps ids starting with claude or
+    # anthropic and caches them (its model picker lists them "From gateway").
+    cache = tmp_path / ".claude" / "cache" / "gateway-models.json"
+    assert cache.exists(), (run, sorted(str(p) for p in tmp_path.rglob("*")))
+    cached = json.loads(cache.read_text())
+    assert cached["baseUrl"] == gateway_url
+    assert [m["id"] for m in cached["models"]] == [
+        "claude-opus-4-8",
+        "claude-opus-4-7",
+        "claude-opus-4-6",
+        "claude-opus-4-5",
+        "claude-sonnet-5",
+        "claude-sonnet-4-6",
+        "claude-sonnet-4-5",
+        "claude-haiku-4-5",
+    ]
+    assert cached["models"][0]["display_name"] == "Claude Opus 4.8"

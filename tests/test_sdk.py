@@ -56,10 +56,25 @@ async def test_count_tokens(sdk: anthropic.AsyncAnthropic) -> None:
 
 
 async def test_models_list(sdk: anthropic.AsyncAnthropic) -> None:
-    ids = [m.id async for m in sdk.models.list(limit=2)]  # auto-paginates past the first page
-    assert ids == ["opus", "sonnet", "haiku"]
-    model = await sdk.models.retrieve("opus")
-    assert model.id == "opus"
+    ids = [m.id async for m in sdk.models.list(limit=3)]  # auto-paginates past the first page
+    # The Claude Code ids the mapping covers, never the bare keys (opus, sonnet, haiku).
+    assert ids == [
+        "claude-opus-4-8",
+        "claude-opus-4-7",
+        "claude-opus-4-6",
+        "claude-opus-4-5",
+        "claude-sonnet-5",
+        "claude-sonnet-4-6",
+        "claude-sonnet-4-5",
+        "claude-haiku-4-5",
+    ]
+    first = await sdk.models.list(limit=3)
+    assert first.has_more and first.first_id == "claude-opus-4-8" and first.last_id == "claude-opus-4-6"
+    model = await sdk.models.retrieve("claude-sonnet-4-5")
+    assert model.id == "claude-sonnet-4-5" and model.display_name == "Claude Sonnet 4.5"
+    assert model.created_at.isoformat() == "2025-09-29T00:00:00+00:00"
+    with pytest.raises(anthropic.NotFoundError, match="model_not_found"):
+        await sdk.models.retrieve("opus")
 
 
 async def test_wrong_key_raises_authentication_error(sdk: anthropic.AsyncAnthropic) -> None:
@@ -70,7 +85,7 @@ async def test_wrong_key_raises_authentication_error(sdk: anthropic.AsyncAnthrop
         )
 
 
-async def test_unknown_model_raises_not_found(aiohttp_server: Any, start_gateway: Any) -> None:
+async def test_unknown_model_raises_bad_request(aiohttp_server: Any, start_gateway: Any) -> None:
     mock = await aiohttp_server(MockUpstream().app())
     gateway = await start_gateway(
         {
@@ -83,7 +98,7 @@ async def test_unknown_model_raises_not_found(aiohttp_server: Any, start_gateway
     async with anthropic.AsyncAnthropic(
         api_key=ACCESS_KEY, base_url=str(gateway.make_url("")), max_retries=0
     ) as client:
-        with pytest.raises(anthropic.NotFoundError, match="model_not_found"):
+        with pytest.raises(anthropic.BadRequestError, match="model_not_found: .* it serves claude-opus-4-8"):
             await client.messages.create(
                 model="gpt-4o", max_tokens=8, messages=[{"role": "user", "content": "x"}]
             )

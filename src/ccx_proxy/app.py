@@ -19,6 +19,7 @@ from .errors import (
     MethodNotAllowed,
     NotFound,
     RequestTooLarge,
+    model_not_found_message,
     render,
 )
 from .health import Clock
@@ -40,13 +41,31 @@ ROUTES_HINT = (
 )
 
 
+def wrong_base_url(path: str) -> bool:
+    """A path a client builds from an ANTHROPIC_BASE_URL that is not the gateway root."""
+    if path.startswith("/v1/v1/"):
+        return True
+    for route in ("/v1/messages", "/v1/models"):  # the real route after the base URL's own path
+        at = path.find(route, 1)
+        if at > 0 and path[at + len(route) :][:1] in ("", "/"):
+            return True
+    return False
+
+
 def not_found_message(path: str) -> str:
-    if path.startswith("/v1/v1/") or (path.endswith("/v1/messages") and path != "/v1/messages"):
+    if wrong_base_url(path):
         return (
-            f"unknown path {path}: ANTHROPIC_BASE_URL must be the gateway root "
-            "(e.g. http://gateway-host:3000), without /v1 -- clients append /v1/messages themselves"
+            "wrong ANTHROPIC_BASE_URL: set it to the gateway root (e.g. http://gateway-host:3000), "
+            f"without /v1 -- clients append /v1/messages themselves (this request went to {path})"
         )
     return f"unknown path {path}: {ROUTES_HINT}"
+
+
+def unknown_path(path: str) -> GatewayError:
+    """A 400 for a wrong base URL (Claude Code prints a 400's message verbatim, but shows its
+    own "There's an issue with the selected model" for any 404); a 404 for other paths."""
+    message = not_found_message(path)
+    return InvalidRequest(message) if wrong_base_url(path) else NotFound(message)
 
 
 @web.middleware
@@ -56,7 +75,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except GatewayError as exc:
         return render(exc)
     except web.HTTPNotFound:
-        return render(NotFound(not_found_message(request.path)))
+        return render(unknown_path(request.path))
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods))
         response = render(
@@ -104,17 +123,10 @@ async def get_model(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     gateway.access_keys.check(request.headers)
     model_id = request.match_info["model_id"]
-    runtime = gateway.runtime
-    entry = runtime.catalog.entry(model_id)
-    if entry is None:
-        if not runtime.router.candidates(model_id):
-            raise NotFound(f"model_not_found: no active channel serves model {model_id!r}")
-        entry = {
-            "type": "model",
-            "id": model_id,
-            "display_name": model_id,
-            "created_at": "1970-01-01T00:00:00Z",
-        }
+    catalog = gateway.runtime.catalog
+    entry = catalog.entry(model_id)
+    if entry is None:  # only what GET /v1/models lists (Anthropic answers 404 here too)
+        raise NotFound(model_not_found_message(model_id, catalog.ids))
     return web.Response(body=orjson.dumps(entry), content_type=JSON_CONTENT_TYPE)
 
 

@@ -51,6 +51,7 @@ CHANNEL_FIELDS = frozenset(
         "authHeader",
         "modelMapping",
         "supportedModels",
+        "models",
         "priority",
         "status",
         "customHeaders",
@@ -110,6 +111,8 @@ class Channel:
     auth_header: AuthHeader = "auto"
     model_mapping: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     supported_models: tuple[str, ...] = ()
+    # The ids GET /v1/models advertises for this channel ("models"); each one it serves.
+    advertised_models: tuple[str, ...] = ()
     priority: int = 0
     status: Status = "active"
     custom_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
@@ -512,6 +515,9 @@ def _parse_channel(
     mapping = f.string_map("modelMapping")
     supported = f.string_list("supportedModels")
     f.each("supportedModels", supported, pattern_problem)
+    advertised = f.string_list("models")
+    if advertised is not None and supported is not None:
+        advertised = _advertised(f, advertised, ModelTable(mapping or {}), Allowlist(supported), warnings)
 
     priority = item.get("priority", index + 1)
     if not isinstance(priority, int) or isinstance(priority, bool):
@@ -559,6 +565,7 @@ def _parse_channel(
     assert name is not None and base_url is not None and status is not None
     assert base_urls is not None
     assert auth_header is not None and mapping is not None and supported is not None
+    assert advertised is not None
     return Channel(
         name=name,
         service_type=cast(ServiceType, service_type),
@@ -568,6 +575,7 @@ def _parse_channel(
         auth_header=cast(AuthHeader, auth_header),
         model_mapping=MappingProxyType(dict(mapping)),
         supported_models=tuple(supported),
+        advertised_models=tuple(advertised),
         priority=priority,
         status=cast(Status, status),
         custom_headers=tuple(custom_headers),
@@ -580,6 +588,38 @@ def _parse_channel(
         forward_accept_encoding=forward_encoding,
         thinking=thinking,
     )
+
+
+_MODEL_ID_LONGEST = 256
+
+
+def _advertised(
+    f: _Fields, ids: list[str], table: ModelTable, allow: Allowlist, warnings: list[str]
+) -> list[str] | None:
+    """The channel's ``models`` (the ids GET /v1/models lists for it): exact ids it serves."""
+    ok = True
+    seen: set[str] = set()
+    for i, model in enumerate(ids):
+        problem = None
+        if not model or len(model) > _MODEL_ID_LONGEST:
+            problem = f"must be a model id of 1 to {_MODEL_ID_LONGEST} characters"
+        elif "*" in model or model.startswith("!") or any(c.isspace() or not c.isprintable() for c in model):
+            problem = f"{model!r}: an exact model id (no '*', '!', spaces or control characters)"
+        elif model in seen:
+            problem = f"{model!r} is listed twice"
+        elif not (allow.admits(model) or allow.admits(table.lookup(model))):
+            problem = f"{model!r} is refused by this channel's supportedModels; it cannot be advertised"
+        if problem:
+            f.problem(f"models[{i}]", problem)
+            ok = False
+            continue
+        seen.add(model)
+        if not model.lower().startswith(("claude", "anthropic")):
+            warnings.append(
+                f"{f.where}.models[{i}]: Claude Code's model picker shows only ids starting with "
+                f"'claude' or 'anthropic'; {model!r} is listed but hidden there"
+            )
+    return ids if ok else None
 
 
 def _egress(

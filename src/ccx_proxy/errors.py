@@ -8,11 +8,11 @@ The tree (status / Anthropic ``error.type``)::
 
     GatewayError                      500 api_error
     ├── InvalidRequest                400 invalid_request_error
+    │   ├── ModelNotFound             400 invalid_request_error  ("model_not_found: ...")
     │   └── MethodNotAllowed          405 invalid_request_error
     ├── AuthenticationFailed          401 authentication_error
     ├── PermissionDenied              403 permission_error
     ├── NotFound                      404 not_found_error
-    │   └── ModelNotFound             404 not_found_error  ("model_not_found: ...")
     ├── RequestTimeout                408 invalid_request_error  (the body stopped arriving)
     ├── Conflict                      409 conflict_error  (stale If-Match on admin writes)
     ├── RequestTooLarge               413 request_too_large
@@ -25,8 +25,8 @@ The tree (status / Anthropic ``error.type``)::
     ├── Overloaded                    529 overloaded_error  (maxConcurrentStreams reached)
     └── UpstreamTimeout               504 timeout_error
 
-Errors a retry cannot fix (400, 401, 403, 404, 405, 409, 413, 415, 431, and a 502 for a
-channel key the upstream refused) carry
+Errors a retry cannot fix (400 -- model_not_found included --, 401, 403, 404, 405, 409, 413,
+415, 431, and a 502 for a channel key the upstream refused) carry
 ``x-should-retry: false``, so Claude Code and the SDKs stop at once instead of
 retrying for minutes; 429 and 503 carry ``Retry-After``.
 
@@ -37,6 +37,7 @@ then ends the stream with :func:`sse_error_event` instead.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import ClassVar
 
 import orjson
@@ -87,12 +88,31 @@ class NotFound(GatewayError):
     retryable = False
 
 
-class ModelNotFound(NotFound):
-    def __init__(self, model: str) -> None:
-        super().__init__(
-            f"model_not_found: no active channel serves model {model!r}; "
-            "check the channels' modelMapping / supportedModels (GET /v1/models lists them)"
+SERVED_SHOWN = 10  # how many served ids a model_not_found message names
+
+
+def model_not_found_message(model: str, served: Sequence[str]) -> str:
+    """``model_not_found: ...`` naming the ids this gateway serves (GET /v1/models)."""
+    if not served:
+        return (
+            f"model_not_found: this gateway does not serve model {model!r} and lists no model; "
+            "its operator must check the channels' status, modelMapping, supportedModels and models"
         )
+    shown = ", ".join(served[:SERVED_SHOWN])
+    more = f" and {len(served) - SERVED_SHOWN} more" if len(served) > SERVED_SHOWN else ""
+    return (
+        f"model_not_found: this gateway does not serve model {model!r}; "
+        f"it serves {shown}{more} (GET /v1/models lists them)"
+    )
+
+
+class ModelNotFound(InvalidRequest):
+    """No active channel serves the requested model.  A 400, not a 404: Claude Code prints a
+    400's message verbatim ("API Error: 400 model_not_found: ..."), while any 404 becomes
+    its own "There's an issue with the selected model" and the list of served ids is lost."""
+
+    def __init__(self, model: str, served: Sequence[str] = ()) -> None:
+        super().__init__(model_not_found_message(model, served))
         self.model = model
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from .catalog import served_ids
 from .config import Channel, GatewayConfig
 from .errors import InvalidRequest, ModelNotFound
 
@@ -29,10 +30,11 @@ class Candidate(NamedTuple):
 
 
 class Router:
-    __slots__ = ("_active", "_by_name", "_memo", "_memo_bytes")
+    __slots__ = ("_active", "_by_name", "_memo", "_memo_bytes", "_served")
 
     def __init__(self, config: GatewayConfig) -> None:
         self._active = config.active
+        self._served = served_ids(config)  # what a model_not_found names (GET /v1/models)
         self._by_name = {c.name: c for c in config.channels}
         self._memo: dict[str, tuple[Candidate, ...]] = {}
         self._memo_bytes = 0  # UTF-8 bytes of _memo's keys
@@ -67,7 +69,7 @@ class Router:
             return (self._pinned(model, pinned),)
         found = self.candidates(model)
         if not found:
-            raise ModelNotFound(model)
+            raise ModelNotFound(model, self._served)
         return found
 
     def _pinned(self, model: str, name: str) -> Candidate:
@@ -79,7 +81,7 @@ class Router:
         for candidate in self.candidates(model):
             if candidate.channel is channel:
                 return candidate
-        raise ModelNotFound(model)
+        raise ModelNotFound(model, self._served)
 
 
 def prefer(candidates: tuple[Candidate, ...], channel_name: str) -> tuple[Candidate, ...]:

@@ -494,7 +494,7 @@ async function showRoute(event) {
     const r = await api("GET", `route?model=${encodeURIComponent(model)}`);
     if (!r.channel) {
       out.innerHTML = `<p class="error-text">No active channel serves ${code(model)}: clients get ` +
-        `404 model_not_found.</p>`;
+        `400 model_not_found (with the list of models this gateway serves).</p>`;
       return;
     }
     const rest = r.candidates.slice(1).map((c) => `${esc(c.channel)} (${code(c.upstreamModel)})`);
