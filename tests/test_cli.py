@@ -228,3 +228,18 @@ def test_help_states_defaults_and_env_without_markup() -> None:
             if action.help != argparse.SUPPRESS and not isinstance(action, argparse._HelpAction):
                 assert action.help, (name, action.dest)
                 assert action.required or "default" in action.help or "env " in action.help, action.help
+
+
+def test_a_reload_keeps_the_demo_channel_on_the_mock_port() -> None:
+    from ccx_proxy.app import create_app
+    from ccx_proxy.state import GATEWAY
+    from tests.conftest import make_settings
+
+    shipped = parse_config(
+        {"channels": [{"name": "demo-mock", "baseUrl": "http://127.0.0.1:3001", "apiKeys": ["k"]}]}, {}
+    )
+    app = create_app(make_settings(), follow_mock_port(shipped, 4555))
+    gateway = app[GATEWAY]
+    gateway.adjust = lambda loaded: follow_mock_port(loaded, 4555)  # as serve sets it
+    gateway.apply(shipped)  # a reload reads the file as written ...
+    assert gateway.runtime.config.channels[0].base_url == "http://127.0.0.1:4555"  # ... and it still moves

@@ -190,6 +190,9 @@ def serve(args: argparse.Namespace) -> int:
     else:
         log.info("admin API and console disabled: set ADMIN_ACCESS_KEY (not the proxy key) to enable /admin/")
     gateway_app = create_app(settings, config)
+    if args.with_mock_upstream and args.mock_port != DEFAULT_PORT:
+        mock_port = args.mock_port
+        gateway_app[GATEWAY].adjust = lambda loaded: follow_mock_port(loaded, mock_port)
     redact.REDACTOR.follow(lambda: gateway_app[GATEWAY].runtime.config)  # reloads included
     apps = [_Listen(gateway_app, settings.host, settings.port, "--port or PORT")]
     if args.with_mock_upstream:
@@ -219,8 +222,8 @@ def follow_mock_port(config: GatewayConfig, port: int) -> GatewayConfig:
         base_url, base_urls = moved(channel.base_url), tuple(moved(u) for u in channel.base_urls)
         if (base_url, base_urls) != (channel.base_url, channel.base_urls):
             log.info(
-                "--mock-port %d: channel %s now uses %s instead of %s (in memory only: "
-                "a reload reads %s as written)",
+                "--mock-port %d: channel %s now uses %s instead of %s (in memory, reloads "
+                "included; %s keeps what it says)",
                 port,
                 channel.name,
                 base_url,

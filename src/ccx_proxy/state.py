@@ -4,6 +4,7 @@ reload)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -32,7 +33,7 @@ class Runtime:
 
 
 class Gateway:
-    __slots__ = ("settings", "access_keys", "runtime", "health", "affinity", "streams", "_client")
+    __slots__ = ("settings", "access_keys", "runtime", "health", "affinity", "streams", "adjust", "_client")
 
     def __init__(self, settings: Settings, config: GatewayConfig, clock: Clock | None = None) -> None:
         self.settings = settings
@@ -42,9 +43,14 @@ class Gateway:
         self.affinity = SessionAffinity(config.affinity)
         self._client: UpstreamClient | None = None
         self.streams = 0  # requests being relayed now (maxConcurrentStreams)
+        # Applied to every configuration loaded later (reloads, admin writes): what the
+        # command line changed in memory (serve --mock-port) stays changed.
+        self.adjust: Callable[[GatewayConfig], GatewayConfig] | None = None
 
     def apply(self, config: GatewayConfig) -> None:
         """Switch to a new configuration; in-flight requests keep their snapshot."""
+        if self.adjust is not None:
+            config = self.adjust(config)
         self.runtime = Runtime.build(config)
         self.health.reloaded({c.name for c in config.channels})
         if config.affinity != self.affinity.policy:
