@@ -9,6 +9,7 @@ credentials, which are replaced by the channel's key.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -141,6 +142,7 @@ def mask_secret(secret: str) -> str:
 
 
 @lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)  # per channel's secrets (and the log's): computed once, not per call
 def secret_forms(secrets: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     """Every form in which ``secrets`` may be echoed, each with the mask that replaces it,
     longest first (a secret inside another is replaced after the longer one).

@@ -789,3 +789,21 @@ async def test_reusable_only_when_done_keep_alive_and_fully_read(
     if read:
         await take(response)
     assert response.reusable is reusable
+
+
+async def test_a_first_event_behind_a_large_head_does_not_wait_on_its_own_pause() -> None:
+    # The pause mark counts every fed byte, head included: a big head plus the start of an
+    # event can pause the upstream with less than HIGH_WATER of body buffered.
+    response, link = new(read_timeout=5)
+    big_header = b"X-Pad: " + b"p" * (HIGH_WATER - 100) + b"\r\n"
+    feed(
+        response,
+        b"HTTP/1.1 200 OK\r\n" + big_header + b"Content-Type: text/event-stream\r\n"
+        b"Content-Length: 200\r\n\r\n" + b"event: ping\ndata: " + b"x" * 150,
+    )
+    assert link.calls == ["pause"]
+    waiting = asyncio.ensure_future(response.first_event())
+    await asyncio.sleep(0)
+    assert link.calls == ["pause", "resume"]  # it asks for the rest instead of waiting out the timeout
+    feed(response, b"y" * 13 + b"\n\n")
+    assert (await waiting).endswith(b"\n\n")

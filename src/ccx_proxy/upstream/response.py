@@ -363,6 +363,10 @@ class Response:
                 raise self._exc
             if self.state is State.DONE:
                 return buffer[0] if buffer else b""
+            if self._paused:  # the pause mark counts head bytes too: less than HIGH_WATER is here
+                self._paused = False
+                self._last = self._loop.time()
+                self._link.resume()
             self._waiter = self._loop.create_future()
             try:
                 await self._waiter
