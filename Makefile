@@ -25,11 +25,21 @@ install: $(STAMP)
 
 # The demo: gateway on :3000 plus the built-in mock upstream on :3001, one process.
 # Uses $PROXY_ACCESS_KEY / $ADMIN_ACCESS_KEY when set, else makes them up and prints them.
+# Runs on $(DATA_DIR)/channels.json, copied from channels.example.json the first time, so
+# console edits (and their backups/) stay out of the repository.  Other ports:
+#   make run PORT=8080 MOCK_PORT=8081
+DATA_DIR  ?= data
+PORT      ?= 3000
+MOCK_PORT ?= 3001
 KEYGEN = $(BIN)/python -c 'import secrets, sys; print(sys.argv[1] + secrets.token_urlsafe(24))'
 run: $(RUN_STAMP)
+	@mkdir -p "$(DATA_DIR)"
+	@test -f "$(DATA_DIR)/channels.json" || { cp channels.example.json "$(DATA_DIR)/channels.json" && \
+		echo "created $(DATA_DIR)/channels.json from channels.example.json"; }
 	PROXY_ACCESS_KEY="$${PROXY_ACCESS_KEY:-$$($(KEYGEN) ccx-)}" \
 	ADMIN_ACCESS_KEY="$${ADMIN_ACCESS_KEY:-$$($(KEYGEN) admin-)}" \
-		$(BIN)/ccx-proxy serve --with-mock-upstream
+		$(BIN)/ccx-proxy serve --with-mock-upstream --config "$(DATA_DIR)/channels.json" \
+		--port $(PORT) --mock-port $(MOCK_PORT)
 
 # Coverage is measured on every run: fail_under in pyproject.toml for the whole package,
 # 90% for the upstream layer (src/ccx_proxy/upstream/).

@@ -245,7 +245,10 @@ async def test_status_reorder_delete(admin: Any, channels_file: Path) -> None:
     assert served.status == 400  # model_not_found: the only active channel was just disabled
     resp = await admin.delete(f"{BASE}/deepseek", headers=ADMIN)
     assert resp.status == 200
-    assert [c["name"] for c in json.loads(channels_file.read_text())["channels"]] == ["mock"]
+    # The one left is renumbered in the same write: priorities stay 1..n without gaps.
+    assert [(c["name"], c["priority"]) for c in json.loads(channels_file.read_text())["channels"]] == [
+        ("mock", 1)
+    ]
     assert (await admin.delete(f"{BASE}/deepseek", headers=ADMIN)).status == 404
 
 
@@ -423,3 +426,11 @@ async def test_proxy_password_is_masked_and_kept_when_sent_back(admin: Any, chan
     assert (await admin.put(f"{BASE}/proxied", json=edited, headers=ADMIN)).status == 200
     stored = next(c for c in json.loads(channels_file.read_text())["channels"] if c["name"] == "proxied")
     assert stored["proxyUrl"] == "http://team:proxy-pass-123@proxy.internal:3128"
+
+
+async def test_info_carries_the_presets_and_the_claude_code_ids(admin: Any) -> None:
+    info = await _json(await admin.get("/api/messages/info", headers=ADMIN))
+    assert set(info["presets"]) == {"anthropic", "deepseek", "kimi", "glm"}
+    assert info["presets"]["glm"]["channel"]["authHeader"] == "bearer"
+    assert info["presetsChecked"] == "2026-11-27"
+    assert "claude-sonnet-4-5" in info["claudeCodeModels"]

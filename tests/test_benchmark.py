@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from ccx_proxy import cli
+from ccx_proxy import benchmark, cli
 from ccx_proxy.benchmark import percentile
 from ccx_proxy.mock_upstream import MockUpstream
 
@@ -78,11 +78,16 @@ async def test_cli_bench_compares_direct_and_via_gateway(
     direct, via = mock_and_gateway
     out_json = tmp_path / "bench.json"
     argv = ["bench", "--direct", direct, "--via", via, "--key", UPSTREAM_KEY, "--via-key", ACCESS_KEY]
-    argv += ["-n", "6", "--json", str(out_json)]
+    out_png = tmp_path / "bench.png"
+    argv += ["-n", "6", "--json", str(out_json), "--png", str(out_png)]
     code = await asyncio.to_thread(cli.main, argv)
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "6 requests each way, alternating" in printed
+    # The line to run it again: the same options, never a key.
+    again = f"  again:  ccx-proxy bench --direct {direct} --via {via} --model claude-sonnet-4-5 -n 6"
+    assert again in printed and UPSTREAM_KEY not in printed and ACCESS_KEY not in printed
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"chart: {out_png}" in printed
     assert "TTFB p50" in printed and "total p99" in printed and "paired median overhead" in printed
     data = json.loads(out_json.read_text())
     for side in ("direct", "via"):
@@ -101,3 +106,18 @@ async def test_cli_bench_reports_a_failing_side(
     assert code == 1
     assert "via: 2 failed request(s), first: HTTP 401" in printed
     assert UPSTREAM_KEY not in printed
+
+
+def test_cli_bench_png_without_matplotlib_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(benchmark, "_have_matplotlib", lambda: False)
+    argv = ["bench", "--direct", "http://127.0.0.1:1", "--via", "http://127.0.0.1:1", "--key", "k"]
+    assert cli.main([*argv, "--png", "x.png"]) == 2
+    assert "--png needs matplotlib: pip install 'ccx-proxy[bench]'" in capsys.readouterr().err
+
+
+def test_cli_bench_help_shows_the_demo_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    assert "  " + benchmark.DEMO_COMMAND + "\n" in capsys.readouterr().out

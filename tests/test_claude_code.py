@@ -127,7 +127,10 @@ async def test_wrong_key_ends_claude_at_once_with_the_gateways_message(
     # Claude Code 2.1 prints: "Failed to authenticate. API Error: 401 invalid access key: ..."
     assert run.returncode != 0, run
     assert "401" in run.output, run
-    assert "invalid access key: it does not match the gateway's PROXY_ACCESS_KEY" in run.output, run
+    assert (
+        "invalid access key: it does not match the gateway's PROXY_ACCESS_KEY; send the key the "
+        "gateway's operator gave you (ANTHROPIC_API_KEY)"
+    ) in " ".join(run.output.split()), run
     assert run.seconds < WRONG_KEY_LIMIT
 
 

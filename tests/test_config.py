@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from ccx_proxy.config import ConfigError, load_config, parse_config
+from ccx_proxy.presets import PRESETS
 from tests.conftest import UPSTREAM_KEY, channel
 
 REPO_CHANNELS = Path(__file__).resolve().parent.parent / "channels.json"
@@ -50,14 +51,37 @@ def test_issue_example_loads_with_env_key() -> None:
 
 def test_repo_channels_json_is_the_working_demo_default() -> None:
     config = load_config(REPO_CHANNELS, env={})
-    names = {c.name for c in config.channels}
-    assert {"anthropic", "deepseek", "kimi", "glm"} <= names
+    (active,) = config.channels
+    assert active.active and active.base_url.startswith("http://127.0.0.1:")
+    assert config.warnings == ()  # its "_comment" is a comment
+
+
+def test_the_example_file_has_a_preset_per_provider() -> None:
+    config = load_config(REPO_CHANNELS.with_name("channels.example.json"), env={})
     (active,) = config.active
-    assert active.base_url.startswith("http://127.0.0.1:")
+    assert active.name == "demo-mock" and active.base_url.startswith("http://127.0.0.1:")
+    assert config.warnings == ()
     by_name = {c.name: c for c in config.channels}
-    assert by_name["deepseek"].base_url == "https://api.deepseek.com/anthropic"
-    assert by_name["kimi"].base_url == "https://api.kimi.com/coding/"
-    assert by_name["glm"].base_url == "https://open.bigmodel.cn/api/anthropic"
+    assert set(by_name) == {"demo-mock", "anthropic", "deepseek", "kimi", "glm"}
+    anthropic, deepseek = by_name["anthropic"], by_name["deepseek"]
+    kimi, glm = by_name["kimi"], by_name["glm"]
+    assert anthropic.base_url == "https://api.anthropic.com" and anthropic.auth_header == "x-api-key"
+    assert anthropic.thinking.anthropic and not anthropic.thinking.strip_billing
+    assert deepseek.base_url == "https://api.deepseek.com/anthropic"
+    assert deepseek.thinking.passback and deepseek.thinking.strip_billing
+    assert deepseek.models.lookup("claude-opus-4-8") == "deepseek-v4-pro"
+    assert kimi.base_url == "https://api.kimi.com/coding/" and not kimi.thinking.passback
+    assert glm.base_url == "https://open.bigmodel.cn/api/anthropic" and glm.auth_header == "bearer"
+    for preset in (deepseek, kimi, glm):
+        assert preset.thinking.signatures == "strip-foreign" and not preset.thinking.anthropic
+    assert all(not c.active for c in (anthropic, deepseek, kimi, glm))
+
+
+def test_underscore_fields_are_comments() -> None:
+    config = parse_config(
+        {"_comment": "top", "channels": [{**channel("a", "https://a.example"), "_note": ["x"]}]}, {}
+    )
+    assert config.warnings == () and config.channels[0].name == "a"
 
 
 def test_unset_env_var_on_an_active_channel_names_channel_and_variable() -> None:
@@ -377,3 +401,15 @@ def test_channel_test_button_names_the_unset_variable_and_the_fix(monkeypatch: p
     assert message.startswith("no usable key at index 0: the channel has 0 resolved key(s); ")
     assert "environment variable NOPE_KEY is not set -- export NOPE_KEY=... and restart ccx-proxy" in message
     assert message.endswith('or set the channel\'s "status" to "disabled"')
+
+
+def test_the_example_file_holds_the_consoles_presets() -> None:
+    """One source for the presets (ccx_proxy.presets): the example file may not drift from it."""
+    data = json.loads(REPO_CHANNELS.with_name("channels.example.json").read_text())
+    in_file = {
+        c["name"]: {k: v for k, v in c.items() if not k.startswith("_") and k not in ("priority", "status")}
+        for c in data["channels"]
+    }
+    for preset in PRESETS.values():
+        assert in_file[preset["channel"]["name"]] == preset["channel"]
+    assert set(in_file) == {"demo-mock", *(p["channel"]["name"] for p in PRESETS.values())}

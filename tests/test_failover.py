@@ -462,3 +462,32 @@ async def test_a_stall_after_message_stop_is_a_clean_end(start_gateway, fake_ups
     health = client.server.app[GATEWAY].health.get("a")
     assert health.breaker.consecutive == 0
     hold.set()
+
+
+KIMI_403 = orjson.dumps(
+    {
+        "error": {
+            "message": "Kimi For Coding is currently only available for Coding Agents such as Kimi CLI, "
+            "Claude Code, Roo Code, Kilo Code, etc.",
+            "type": "access_terminated_error",
+        }
+    }
+)
+
+
+async def test_a_403_that_refuses_the_client_keeps_the_key_and_is_relayed(start_gateway, pair) -> None:
+    """Kimi's coding endpoint turns away non-coding-agent clients with a 403: not the key's fault."""
+    a, b = pair
+    a.reply = Reply(status=403, headers=ERROR_JSON, chunks=[KIMI_403])
+    client = await start_gateway(channel("kimi", a.url))
+    for _ in range(2):  # the key stays in rotation: the second request reaches the upstream too
+        resp, body = await _post(client)
+        assert resp.status == 403 and b"only available for Coding Agents" in body
+    assert len(a.requests) == 2
+    # With another channel, the request goes there.
+    client = await start_gateway(channel("kimi", a.url, priority=1), channel("other", b.url, priority=2))
+    resp, _ = await _post(client)
+    assert resp.status == 200 and resp.headers["x-ccx-channel"] == "other"
+    a.reply = Reply()  # a coding agent's request on the same key still works
+    resp, _ = await _post(client, {"X-Channel": "kimi"})
+    assert resp.status == 200 and resp.headers["x-ccx-channel"] == "kimi"

@@ -77,7 +77,12 @@ def test_parse_defaults_are_off() -> None:
     options = parse_thinking({"name": "x"}, "channels[0]", problems, "https://api.deepseek.com/anthropic")
     assert options == OFF == ThinkingOptions()
     assert not options.enabled and problems == []
-    assert THINKING_FIELDS == ("thinkingSignatures", "thinkingPassback", "stripBillingBlock")
+    assert THINKING_FIELDS == (
+        "thinkingSignatures",
+        "thinkingPassback",
+        "stripBillingBlock",
+        "thinkingProvider",
+    )
 
 
 def test_parse_values_and_upstream_kind() -> None:
@@ -508,3 +513,17 @@ def test_cost_on_a_claude_code_body(capsys: pytest.CaptureFixture[str]) -> None:
         print(f"\nbody: plain {len(plain) / 1024:.1f} KiB, tool loop {len(loop) / 1024:.1f} KiB")
         for name, cost in rows:
             print(f"  {name:52} {cost:9.1f} µs")
+
+
+def test_thinking_provider_overrides_the_host_guess() -> None:
+    problems: list[str] = []
+    relay = "https://llm-egress.example.com/anthropic"
+    assert not parse_thinking({}, "c", problems, relay).anthropic
+    assert parse_thinking({"thinkingProvider": "anthropic"}, "c", problems, relay).anthropic
+    assert parse_thinking({"thinkingProvider": "auto"}, "c", problems, "https://api.anthropic.com").anthropic
+    assert not parse_thinking(
+        {"thinkingProvider": "other"}, "c", problems, "https://api.anthropic.com"
+    ).anthropic
+    assert problems == []
+    parse_thinking({"thinkingProvider": "claude"}, "channels[2]", problems, relay)
+    assert problems == ["channels[2].thinkingProvider: must be one of auto, anthropic, other (got 'claude')"]

@@ -32,35 +32,56 @@ def session_of(headers: Mapping[str, str], body: bytes) -> str | None:
     return "u:" + match.group(1).decode("utf-8", "replace") if match else None
 
 
+def carries_thinking(body: bytes) -> bool:
+    """Whether a request asks for or carries thinking: the ``thinking`` parameter or a
+    ``thinking`` / ``redacted_thinking`` block (one substring search; a hint only)."""
+    return b'thinking"' in body
+
+
 class SessionAffinity:
-    __slots__ = ("policy", "_ttl", "_sessions")
+    """Session -> (channel, last seen, carries thinking), idle-expired, LRU-bounded.
+
+    A session whose requests carry thinking is kept for ``thinkingTtlMs`` (default a
+    day) rather than ``ttlMs``: its history holds thinking blocks signed by the channel's
+    provider, which another provider may refuse, so it returns to that channel even after
+    a long pause.  Once marked, a session stays marked (its history keeps the blocks).
+    """
+
+    __slots__ = ("policy", "_ttl", "_thinking_ttl", "_sessions")
 
     def __init__(self, policy: AffinityPolicy) -> None:
         self.policy = policy
         self._ttl = policy.ttlMs / 1000
-        self._sessions: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._thinking_ttl = max(policy.thinkingTtlMs, policy.ttlMs) / 1000
+        self._sessions: OrderedDict[str, tuple[str, float, bool]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def _expired(self, entry: tuple[str, float, bool], now: float) -> bool:
+        return now - entry[1] > (self._thinking_ttl if entry[2] else self._ttl)
 
     def channel_for(self, session: str, now: float) -> str | None:
         entry = self._sessions.get(session)
         if entry is None:
             return None
-        if now - entry[1] > self._ttl:
+        if self._expired(entry, now):
             del self._sessions[session]
             return None
         return entry[0]
 
-    def remember(self, session: str, channel: str, now: float) -> None:
+    def remember(self, session: str, channel: str, now: float, body: bytes = b"") -> None:
+        """``channel`` served ``session`` at ``now``; ``body`` is the request (for thinking)."""
         sessions = self._sessions
-        sessions[session] = (channel, now)
+        entry = sessions.get(session)
+        thinking = (entry is not None and entry[2]) or carries_thinking(body)
+        sessions[session] = (channel, now, thinking)
         sessions.move_to_end(session)
         while len(sessions) > self.policy.maxSessions:
             sessions.popitem(last=False)
         # Drop a few expired entries from the cold end on each write: bounded work.
         for _ in range(2):
-            oldest = next(iter(sessions.items()), None)
-            if oldest is None or now - oldest[1][1] <= self._ttl:
+            oldest = next(iter(sessions.values()), None)
+            if oldest is None or not self._expired(oldest, now):
                 break
             sessions.popitem(last=False)

@@ -23,7 +23,10 @@ class AccessKeys:
             f"missing access key: send the gateway's {variable} as x-api-key{hint} "
             "or as Authorization: Bearer"
         )
-        self._wrong = f"invalid access key: it does not match the gateway's {variable}"
+        self._wrong = (
+            f"invalid access key: it does not match the gateway's {variable}; "
+            f"send the key the gateway's operator gave you{hint}"
+        )
 
     def matches(self, candidate: str) -> bool:
         given = candidate.encode("utf-8", "surrogateescape")

@@ -28,6 +28,16 @@ from .upstream.wire import endpoints
 
 PERCENTILES = (50, 90, 99)
 NAN = float("nan")
+# The demo, as `make run` starts it (gateway :3000, mock upstream :3001): paste as it is.
+DEMO_COMMAND = (
+    "ccx-proxy bench --direct http://127.0.0.1:3001 --via http://127.0.0.1:3000 "
+    '--key mock-upstream-key --via-key "$PROXY_ACCESS_KEY" -n 200'
+)
+EPILOG = (
+    "Against the demo (make run; export the PROXY_ACCESS_KEY it prints), paste:\n"
+    f"  {DEMO_COMMAND}\n"
+    "Keys come from the options or the environment and are never printed."
+)
 
 
 @dataclass
@@ -66,6 +76,9 @@ class BenchResult:
             "total": _median(self.paired_total_ms),
         }
         return out
+
+
+DEFAULT_PROMPT = "Reply with one short sentence."
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -185,13 +198,28 @@ def _signed(value: float) -> str:
     return "—" if value != value else f"{value:+.2f} ms"
 
 
-def render(result: BenchResult) -> str:
+def reproduce(args: argparse.Namespace) -> str:
+    """The command line that repeats this run, keys left to the environment."""
+    parts = ["ccx-proxy bench", "--direct", args.direct, "--via", args.via, "--model", args.model]
+    parts += ["-n", str(args.n), "--max-tokens", str(args.max_tokens), "--warmup", str(args.warmup)]
+    parts += ["--bearer"] if args.bearer else []
+    parts += ["--no-stream"] if args.no_stream else []
+    if args.prompt != DEFAULT_PROMPT:
+        parts += ["--prompt", json.dumps(args.prompt)]
+    return " ".join(parts)
+
+
+def render(result: BenchResult, command: str = "") -> str:
     d, v = result.direct, result.via
     lines = [
         f"ccx-proxy bench: {result.requests} requests each way, alternating; model {result.model}"
         f"{', streaming' if result.stream else ''}",
         f"  direct: {d.url}",
         f"  via:    {v.url}",
+    ]
+    if command:
+        lines.append(f"  again:  {command}  (keys: --key/ANTHROPIC_API_KEY, --via-key/PROXY_ACCESS_KEY)")
+    lines += [
         "",
         f"{'':12}{'direct':>12}{'via gateway':>14}{'overhead':>12}{'ratio':>8}",
     ]
@@ -219,11 +247,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", help="the upstream's API key for --direct (env ANTHROPIC_API_KEY)")
     parser.add_argument("--via-key", help="the gateway's access key (env PROXY_ACCESS_KEY, else --key)")
     parser.add_argument("--bearer", action="store_true", help="send --key as Authorization: Bearer")
-    parser.add_argument("--prompt", default="Reply with one short sentence.")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--no-stream", action="store_true", help="non-streaming requests")
     parser.add_argument("--warmup", type=int, default=1, help="uncounted requests each way first (default 1)")
     parser.add_argument("--json", metavar="PATH", help="also write every figure to PATH as JSON")
+    parser.add_argument(
+        "--png", metavar="PATH", help="also draw the percentiles to PATH (matplotlib: the 'bench' extra)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -235,6 +266,12 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.n < 1:
         print("ccx-proxy bench: -n must be at least 1", file=sys.stderr)
+        return 2
+    if args.png and not _have_matplotlib():
+        print(
+            "ccx-proxy bench: --png needs matplotlib: pip install 'ccx-proxy[bench]' (or drop --png)",
+            file=sys.stderr,
+        )
         return 2
     result = asyncio.run(
         compare(
@@ -251,8 +288,47 @@ def main(args: argparse.Namespace) -> int:
             warmup=args.warmup,
         )
     )
-    print(render(result), flush=True)
+    print(render(result, reproduce(args)), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result.to_dict(), f, indent=1)
+    if args.png:
+        draw(result, args.png, reproduce(args))
+        print(f"chart: {args.png}", flush=True)
     return 0 if result.direct.ttfb_ms and result.via.ttfb_ms else 1
+
+
+def _have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def draw(result: BenchResult, path: str, command: str) -> None:
+    """TTFB and total-time percentiles, direct vs via, as grouped bars in a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    width = 0.38
+    panels = (("time to first byte", "ttfb_ms"), ("total time", "total_ms"))
+    for ax, (label, key) in zip(axes, panels, strict=True):
+        xs = range(len(PERCENTILES))
+        for offset, side in ((-width / 2, result.direct), (width / 2, result.via)):
+            values = [percentile(getattr(side, key), q) for q in PERCENTILES]
+            bars = ax.bar([x + offset for x in xs], values, width, label=side.name)
+            ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set_xticks(list(xs), [f"p{q}" for q in PERCENTILES])
+        ax.set_ylabel("ms")
+        ax.set_title(label)
+        ax.legend()
+    figure.suptitle(
+        f"{result.requests} requests each way, alternating; model {result.model}\n{command}", fontsize=8
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -53,8 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ccx-proxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=text, description=f"ccx-proxy {name}: {text}.")
+    def command(name: str, text: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        # An epilog keeps its line breaks (a command in it must stay copyable).
+        formatter = argparse.RawDescriptionHelpFormatter if epilog else argparse.HelpFormatter
+        return sub.add_parser(
+            name,
+            help=text,
+            description=f"ccx-proxy {name}: {text}.",
+            epilog=epilog,
+            formatter_class=formatter,
+        )
 
     serve = command("serve", "run the gateway (needs PROXY_ACCESS_KEY)")
     serve.add_argument("--config", metavar="PATH", help=_CONFIG_HELP)
@@ -91,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     mock.add_argument("--key", help=f"upstream key it accepts (env MOCK_UPSTREAM_KEY, default {DEFAULT_KEY})")
 
-    bench = command("bench", "time an upstream direct vs through a gateway, side by side")
+    bench = command("bench", "time an upstream direct vs through a gateway, side by side", benchmark.EPILOG)
     benchmark.add_arguments(bench)
     _complete_help(
         bench, {"prompt": "the user message sent both ways", "max_tokens": "max_tokens per request"}

@@ -72,7 +72,7 @@ TOP_LEVEL_FIELDS = frozenset(
 # Fields of CCX's own config.json that this gateway does not use: one warning each, never an
 # error (a CCX file loads as it is).  Any other unknown field is an error when it is close to
 # one of ours (a typo such as "stauts" must not silently leave a channel active) and a warning
-# otherwise.
+# otherwise.  A name starting with "_" ("_comment") is a comment: ignored without a word.
 CCX_CHANNEL_FIELDS = frozenset({"id", "description", "website"})
 CCX_TOP_LEVEL_FIELDS = frozenset({"currentUpstream", "loadBalance"})
 _TYPO_CUTOFF = 0.75
@@ -177,6 +177,8 @@ class Channel:
         proxies = {p.display for p in self.proxies if p is not None}
         egress = f" proxy={','.join(sorted(proxies))}" if proxies else ""
         insecure = " TLS-UNVERIFIED" if self.insecure_skip_verify else ""
+        thinking = self.thinking.describe()
+        insecure += f" thinking={thinking}" if thinking else ""
         return (
             f"{self.name} [{self.status}] priority={self.priority} {self.service_type} "
             f"{self.base_url} auth={self.auth_header} keys=[{keys}] "
@@ -232,7 +234,8 @@ def parse_config(data: Any, env: Mapping[str, str], source: str | None = None) -
         key = "upstream"  # a CCX config.json: its Messages channels
     else:
         raise ConfigError(['top level: missing "channels" array'])
-    unknown_top = sorted(set(data) - TOP_LEVEL_FIELDS)
+    # A field whose name starts with "_" is a comment (JSON has none): ignored, no warning.
+    unknown_top = sorted(n for n in set(data) - TOP_LEVEL_FIELDS if not n.startswith("_"))
     for name in unknown_top:
         typo_of = _unknown_field(name, TOP_LEVEL_FIELDS, CCX_TOP_LEVEL_FIELDS)
         if typo_of is not None:
@@ -263,7 +266,7 @@ def parse_config(data: Any, env: Mapping[str, str], source: str | None = None) -
             problems.append(f"{where}: must be an object")
             continue
         for name in item:
-            if name in CHANNEL_FIELDS:
+            if name in CHANNEL_FIELDS or name.startswith("_"):
                 continue
             typo_of = _unknown_field(name, CHANNEL_FIELDS, CCX_CHANNEL_FIELDS)
             if typo_of is not None:

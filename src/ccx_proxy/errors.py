@@ -189,7 +189,12 @@ RETRY_AFTER_DEFAULT = 5  # seconds, for a 429/503 of the gateway's own without a
 
 
 def render(error: GatewayError) -> web.Response:
-    response = web.Response(status=error.status, body=error.body(), content_type=JSON_CONTENT_TYPE)
+    response = web.Response(
+        status=error.status,
+        reason="Overloaded" if error.status == 529 else None,  # a status aiohttp has no phrase for
+        body=error.body(),
+        content_type=JSON_CONTENT_TYPE,
+    )
     if not error.retryable:
         response.headers["x-should-retry"] = "false"
     elif error.retry_after is not None or error.status in (429, 503, 529):

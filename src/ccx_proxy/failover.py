@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -48,6 +49,23 @@ log = logging.getLogger("ccx_proxy.failover")
 
 FAILOVER_SERVER = frozenset({500, 502, 503, 504})
 KEY_REJECTED = frozenset({401, 402, 403})
+# What a client reads after a lone upstream failure (unreachable, timed out, invalid answer).
+UPSTREAM_ADVICE = "retry shortly; if it persists, the gateway's operator should check that channel"
+THROTTLED = frozenset({429, 503, 529})  # a relayed one always carries Retry-After
+# A 403 that refuses the client, not the key: Kimi For Coding answers
+# {"error": {"message": "Kimi For Coding is currently only available for Coding Agents such as
+# Kimi CLI, Claude Code, Roo Code, Kilo Code, etc.", "type": "access_terminated_error"}} to
+# clients whose User-Agent is not a coding agent's (MoonshotAI/kimi-cli #1947, #2322).
+_CLIENT_REFUSALS = (b"only available for Coding Agents",)
+
+
+def refuses_client(status: int, body: bytes) -> bool:
+    """Whether an upstream 403 turns away this client (its User-Agent) rather than the key:
+    the key stays in rotation, other channels are tried, and the client gets the upstream's
+    own answer if none serves it."""
+    return status == 403 and any(text in body for text in _CLIENT_REFUSALS)
+
+
 RATE_LIMITED = 429
 OVERLOADED = 529
 PROXY_AUTH = 407
@@ -240,7 +258,27 @@ async def connect(
         now = registry.clock()
         outcome.retry_after = min(_frees_at(registry, h, now) for h in held) - now
     outcome.attempts = req.attempts
+    last = outcome.last
+    if last is not None and last.status in THROTTLED and "retry-after" not in last.headers:
+        # The upstream's own 429/503/529 said nothing about when: say when the gateway will
+        # send this model anywhere again (its cool-downs and back-offs), so that a client's
+        # retry does not land on candidates that are all still held back.
+        now = registry.clock()
+        last.headers["Retry-After"] = str(max(1, math.ceil(_soonest(registry, candidates, now) - now)))
     return outcome
+
+
+def _soonest(registry: HealthRegistry, candidates: tuple[Candidate, ...], now: float) -> float:
+    """When the first of ``candidates`` could take the request again (soft state only)."""
+    soonest = math.inf
+    for candidate in candidates:
+        channel = candidate.channel
+        health = registry.channel(channel.name, channel.breaker)
+        for api_key in channel.api_keys:
+            key = health.key(api_key, channel.breaker)
+            if not key.disabled:
+                soonest = min(soonest, max(health.usable_at(now), key.usable_at(now, candidate.model)))
+    return now if soonest == math.inf else soonest
 
 
 def _frees_at(registry: HealthRegistry, held: _Held, now: float) -> float:
@@ -357,6 +395,9 @@ def _judge(
         attempt.rate_limited(wait, f"rate limited (429) on {candidate.model}, cooling down {wait:.0f}s")
         return Next.KEY
     if status in KEY_REJECTED:
+        if refuses_client(status, body):
+            attempt.release()  # the key is fine; this channel's other keys would be refused too
+            return Next.CHANNEL
         attempt.rejected(f"rejected ({status}): disabled until config reload")
         return Next.KEY
     if status == OVERLOADED:
@@ -448,7 +489,8 @@ def exhausted(outcome: Outcome, model: str) -> GatewayError:
     when there was a single attempt; a 502 the client cannot fix when the only obstacle
     was keys the upstream refused; else a 503 listing what was tried."""
     if len(outcome.transport_errors) == 1 and len(outcome.tried) == 1:
-        return outcome.transport_errors[0]
+        error = outcome.transport_errors[0]
+        return type(error)(f"{error.message}; {UPSTREAM_ADVICE}", retry_after=error.retry_after)
     if outcome.rejected_keys and not outcome.transport_errors and outcome.retry_after is None:
         return UpstreamKeyRejected(
             f"the upstream refused every key that could serve model {model!r} "

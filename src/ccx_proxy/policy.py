@@ -53,6 +53,7 @@ class BreakerPolicy:
 class AffinityPolicy:
     enabled: bool = True
     ttlMs: int = 30 * 60 * 1000  # idle time after which a session is forgotten
+    thinkingTtlMs: int = 24 * 60 * 60 * 1000  # the same for a session that carries thinking
     maxSessions: int = 100_000
 
 

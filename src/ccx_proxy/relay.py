@@ -24,7 +24,7 @@ from .errors import (
     UnsupportedEncoding,
     UpstreamKeyRejected,
 )
-from .failover import KEY_REJECTED, Connected, connect, exhausted
+from .failover import KEY_REJECTED, Connected, connect, exhausted, refuses_client
 from .headers import client_response_headers, forwarded_raw, scrub_head
 from .routing import prefer
 from .state import GATEWAY, Gateway
@@ -149,12 +149,14 @@ async def _relay(
         query,
         count_tokens,
     )
+    if session is not None and isinstance(result, Connected):
+        gateway.affinity.remember(session, result.attempt.channel.name, gateway.health.clock(), body)
     del body  # no retry after this point: do not keep the request body alive while streaming
     if not isinstance(result, Connected):
         last = result.last
         if last is None:
             raise exhausted(result, field.name)
-        if last.status in KEY_REJECTED:
+        if last.status in KEY_REJECTED and not refuses_client(last.status, last.body):
             # The upstream refused the channel's key, not the client's: no client retry helps.
             # (Its own message stays in the gateway's log: echoed here, words like "x-api-key"
             # make Claude Code print "Invalid API key", blaming the client's key.)
@@ -169,8 +171,6 @@ async def _relay(
     upstream, attempt = result.response, result.attempt
     channel = attempt.channel
     attempt.succeeded(loop.time() - result.started)
-    if session is not None:
-        gateway.affinity.remember(session, channel.name, gateway.health.clock())
     headers = client_response_headers(upstream.headers)
     reason = upstream.reason
     if upstream.status >= 300:  # an upstream may echo its key: masked (the 2xx path pays nothing)

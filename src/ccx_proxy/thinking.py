@@ -16,8 +16,10 @@ Each option exists to stop one upstream error:
     svtter.cn "DeepSeek + Claude Code: Thinking Block Compatibility Analysis").
 
     Which signatures are *foreign* depends on the channel's upstream
-    (``ThinkingOptions.anthropic``: its ``baseUrl`` host is ``anthropic.com`` or
-    a subdomain of it):
+    (``ThinkingOptions.anthropic``): ``thinkingProvider`` says it -- ``auto``
+    (default: Anthropic when the ``baseUrl`` host is ``anthropic.com`` or a
+    subdomain of it), ``anthropic`` (Anthropic's API behind another host: a
+    company egress gateway, a relay), or ``other``:
 
     * Anthropic upstream, ``strip-foreign``: a ``thinking`` block is kept only
       when its signature is Anthropic-shaped -- a string of at least
@@ -26,7 +28,11 @@ Each option exists to stop one upstream error:
       one, or any other shape (minted elsewhere, or a placeholder) are dropped.
       ``redacted_thinking`` blocks are always Anthropic's and stay.  This is a
       heuristic: another provider that mints long base64 signatures passes it,
-      and Anthropic still answers for those.
+      and Anthropic still answers for those.  Anthropic documents the signature
+      only as opaque; real ones seen run to hundreds of characters (two decoded
+      in anthropics/anthropic-sdk-python #1598 fixtures: 248, prefix ``ErUB``),
+      and another proxy uses 100 as its floor (azerozero/grob), so 64 keeps
+      every real one (checked 2026-11-27).
     * Any other upstream, ``strip-foreign``: signatures mean nothing there, so
       the ``signature`` field is removed from every ``thinking`` block while
       its text stays (DeepSeek needs the text passed back, see below), and
@@ -52,8 +58,9 @@ Each option exists to stop one upstream error:
     cannot contain `thinking```: anthropics/claude-code #7946), the thinking
     blocks still in that message are dropped too, and so are
     ``clear_thinking_*`` edits in ``context_management`` (they manage thinking
-    blocks only while thinking is on; ``context_management`` goes when no edit
-    is left).
+    blocks only while thinking is on -- Anthropic answers ```clear_thinking_20251015`
+    strategy requires `thinking` to be enabled``, anthropics/claude-code #11971;
+    ``context_management`` goes when no edit is left).
 
 ``thinkingPassback`` -- ``false`` (default) | ``true``
     DeepSeek's ``/anthropic`` endpoint, in thinking mode, refuses assistant
@@ -104,7 +111,13 @@ import orjson
 Signatures = Literal["keep", "strip-foreign", "strip-all"]
 SIGNATURE_MODES: tuple[str, ...] = ("keep", "strip-foreign", "strip-all")
 # The channel fields this module reads (for config.CHANNEL_FIELDS).
-THINKING_FIELDS: tuple[str, ...] = ("thinkingSignatures", "thinkingPassback", "stripBillingBlock")
+THINKING_FIELDS: tuple[str, ...] = (
+    "thinkingSignatures",
+    "thinkingPassback",
+    "stripBillingBlock",
+    "thinkingProvider",
+)
+PROVIDERS: tuple[str, ...] = ("auto", "anthropic", "other")
 
 BILLING_PREFIX = "x-anthropic-billing-header:"
 MIN_SIGNATURE = 64  # Anthropic's signatures run to hundreds of base64 characters
@@ -123,13 +136,22 @@ class ThinkingOptions:
     signatures: Signatures = "keep"  # thinkingSignatures
     passback: bool = False  # thinkingPassback
     strip_billing: bool = False  # stripBillingBlock
-    # Derived from the channel's baseUrl, not a field of its own: whether the upstream is
-    # Anthropic's API, which decides what "foreign" means for strip-foreign.
+    # Whether the upstream is Anthropic's API, which decides what "foreign" means for
+    # strip-foreign: thinkingProvider, whose default "auto" asks the baseUrl's host.
     anthropic: bool = False
 
     @property
     def enabled(self) -> bool:
         return self.signatures != "keep" or self.passback or self.strip_billing
+
+    def describe(self) -> str:
+        """The options set, for a channel's one-line summary ("" when none is)."""
+        parts = [f"signatures={self.signatures}"] if self.signatures != "keep" else []
+        parts += ["passback"] if self.passback else []
+        parts += ["strip-billing"] if self.strip_billing else []
+        if parts and self.anthropic:
+            parts.append("provider=anthropic")
+        return ",".join(parts)
 
 
 OFF = ThinkingOptions()
@@ -160,6 +182,10 @@ def parse_thinking(
             f"{where}.thinkingSignatures: must be one of {', '.join(SIGNATURE_MODES)} (got {signatures!r})"
         )
         signatures = "keep"
+    provider = item.get("thinkingProvider", "auto")
+    if provider not in PROVIDERS:
+        problems.append(f"{where}.thinkingProvider: must be one of {', '.join(PROVIDERS)} (got {provider!r})")
+        provider = "auto"
     flags: dict[str, bool] = {}
     for name in ("thinkingPassback", "stripBillingBlock"):
         value = item.get(name, False)
@@ -171,7 +197,7 @@ def parse_thinking(
         signatures=cast(Signatures, signatures),
         passback=flags["thinkingPassback"],
         strip_billing=flags["stripBillingBlock"],
-        anthropic=is_anthropic(base_url),
+        anthropic=provider == "anthropic" or (provider == "auto" and is_anthropic(base_url)),
     )
 
 

@@ -369,7 +369,10 @@ async def test_response_headers_that_never_come_are_a_504(start_gateway, raw_ups
     assert 0.25 < loop.time() - started < WAIT
     assert resp.status == 504
     message = assert_anthropic_error(resp.status, body, "timeout_error")
-    assert message == "upstream channel 'mute' timed out: no response headers from the upstream for 0.3 s"
+    assert message == (
+        "upstream channel 'mute' timed out: no response headers from the upstream for 0.3 s; "
+        "retry shortly; if it persists, the gateway's operator should check that channel"
+    )
     await asyncio.wait_for(upstream.exchanges[0].closed.wait(), WAIT)
     await _next_request_is_fresh(client, upstream)
 

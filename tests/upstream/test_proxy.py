@@ -364,7 +364,8 @@ async def test_a_proxy_refusing_the_credentials_is_a_502_that_shows_none_of_them
     message = assert_anthropic_error(resp.status, body, "api_error")
     assert message == (
         f"upstream channel 'refused' is unreachable: proxy http://{USER}:***@127.0.0.1:{proxy.port}: "
-        f"CONNECT to 127.0.0.1:{upstream.port} failed: the proxy requires credentials"
+        f"CONNECT to 127.0.0.1:{upstream.port} failed: the proxy requires credentials; "
+        "retry shortly; if it persists, the gateway's operator should check that channel"
     )
     assert [s.headers.get("proxy-authorization") for s in proxy.seen] == [f"Basic {TOKEN}"]
     assert upstream.requests == []

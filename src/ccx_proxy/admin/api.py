@@ -19,9 +19,12 @@ from aiohttp import web
 
 from .. import __version__
 from ..auth import AccessKeys
+from ..catalog import CLAUDE_CODE_MODELS
 from ..config import ConfigError, GatewayConfig
 from ..errors import JSON_CONTENT_TYPE, InvalidRequest, NotFound, PermissionDenied
 from ..headers import mask_secret
+from ..presets import CHECKED as PRESETS_CHECKED
+from ..presets import PRESETS
 from ..reload import ConfigWatcher
 from ..state import GATEWAY, Gateway
 from ..store import ChannelStore, Document
@@ -230,6 +233,11 @@ async def update_channel(request: web.Request) -> web.Response:
     return await _write(request, change)
 
 
+def _priority(item: Any, index: int) -> float:
+    value = item.get("priority") if isinstance(item, dict) else None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else index + 1
+
+
 async def delete_channel(request: web.Request) -> web.Response:
     request.app[ADMIN].check(request)
     name = request.match_info["name"]
@@ -237,6 +245,11 @@ async def delete_channel(request: web.Request) -> web.Response:
     def change(doc: Document) -> None:
         items = _channels(doc)
         del items[_index(items, name)]
+        # The rest renumbered 1..n in their routing order (priority, then file order): no gaps.
+        order = sorted(range(len(items)), key=lambda i: (_priority(items[i], i), i))
+        for rank, i in enumerate(order, start=1):
+            if isinstance(items[i], dict):
+                items[i]["priority"] = rank
 
     return await _write(request, change)
 
@@ -363,6 +376,9 @@ async def info(request: web.Request) -> web.Response:
             "proxyKeyHint": mask_secret(settings.access_keys[0]),
             "backupsKept": admin.store.backups,
             "serverTime": time.time(),
+            "presets": PRESETS,  # the "Start from a preset" buttons
+            "presetsChecked": PRESETS_CHECKED,
+            "claudeCodeModels": [model_id for model_id, _, _ in CLAUDE_CODE_MODELS],
         }
     )
 

@@ -10,29 +10,17 @@ const MANAGED_FIELDS = [
   "name", "serviceType", "baseUrl", "baseUrls", "apiKeys", "authHeader", "modelMapping",
   "supportedModels", "priority", "status", "customHeaders", "connectTimeoutMs",
   "responseHeaderTimeoutMs", "streamInactivityTimeoutMs", "keepaliveMs",
+  "thinkingSignatures", "thinkingPassback", "stripBillingBlock",
 ];
 const TIMEOUT_FIELDS = ["connectTimeoutMs", "responseHeaderTimeoutMs", "streamInactivityTimeoutMs", "keepaliveMs"];
+const SIGNATURE_MODES = ["keep", "strip-foreign", "strip-all"];
+// Placeholder for the client key: the console never knows PROXY_ACCESS_KEY, only its mask.
+const KEY_TEMPLATE = "<your gateway key: PROXY_ACCESS_KEY>";
 
-const PRESETS = {
-  anthropic: {
-    label: "Anthropic", name: "anthropic", baseUrl: "https://api.anthropic.com", authHeader: "x-api-key",
-    key: "${ANTHROPIC_UPSTREAM_API_KEY}", mapping: {}, supportedModels: ["claude-*"],
-  },
-  deepseek: {
-    label: "DeepSeek", name: "deepseek", baseUrl: "https://api.deepseek.com/anthropic", authHeader: "auto",
-    key: "${DEEPSEEK_API_KEY}",
-    mapping: { opus: "deepseek-v4-pro", sonnet: "deepseek-v4", haiku: "deepseek-v4-flash" },
-  },
-  kimi: {
-    label: "Kimi", name: "kimi", baseUrl: "https://api.kimi.com/coding/", authHeader: "auto",
-    key: "${KIMI_API_KEY}",
-    mapping: { opus: "kimi-for-coding", sonnet: "kimi-for-coding", haiku: "kimi-for-coding" },
-  },
-  glm: {
-    label: "GLM", name: "glm", baseUrl: "https://open.bigmodel.cn/api/anthropic", authHeader: "auto",
-    key: "${GLM_API_KEY}", mapping: { opus: "glm-4.6", sonnet: "glm-4.6", haiku: "glm-4.5-air" },
-  },
-};
+// The presets and the Claude Code ids GET /v1/models offers come from the server
+// (GET /api/messages/info: ccx_proxy.presets, catalog.CLAUDE_CODE_MODELS): one source.
+const presets = () => (state.info && state.info.presets) || {};
+const claudeCodeModels = () => (state.info && state.info.claudeCodeModels) || [];
 
 const ROW_KINDS = {
   key: { container: "key-rows", noun: "API key", fields: [
@@ -54,6 +42,8 @@ const state = {
   channels: [],
   version: null, // version of the list on screen (If-Match for row actions)
   listJson: "",
+  configJson: "", // the list without live state: what routing depends on
+  routeModel: null, // model of the route preview on screen, re-run when the config changes
   notes: new Map(), // channel name -> {kind: "ok"|"error"|"pending", html}
   editing: null, // channel being edited (null: adding)
   formVersion: null, // version the form was opened at (If-Match for its save)
@@ -196,6 +186,9 @@ function signOut(message = "") {
   sessionStorage.removeItem(KEY_STORAGE);
   state.key = null;
   state.notes.clear();
+  state.configJson = "";
+  state.routeModel = null;
+  $("route-result").replaceChildren();
   for (const dialog of document.querySelectorAll("dialog[open]")) dialog.close();
   showSignIn(message);
 }
@@ -226,16 +219,19 @@ function renderInfo() {
   const info = state.info || {};
   $("server-info").innerHTML = `v${esc(info.version)} · <span title="${esc(info.channelsFile)}">` +
     `${esc(truncate(info.channelsFile || "", 48))}</span> · ${esc(info.backupsKept)} backups kept`;
-  const hint = info.proxyKeyHint ? ` (${info.proxyKeyHint})` : "";
+  // Only a template: the real key never reaches the console, and its mask must not pass for it.
   $("connect-snippet").textContent =
-    `export ANTHROPIC_API_KEY="<your PROXY_ACCESS_KEY${hint}>"\n` +
-    `export ANTHROPIC_BASE_URL="${GATEWAY_ROOT}"`;
+    `export ANTHROPIC_BASE_URL="${GATEWAY_ROOT}"\n` +
+    `export ANTHROPIC_API_KEY="${KEY_TEMPLATE}"`;
+  const hint = info.proxyKeyHint && info.proxyKeyHint.replace(/^sk-/, "") !== "…" ? info.proxyKeyHint : "";
+  $("connect-key-hint").innerHTML = hint ? ` (the key shown masked as ${code(hint)})` : "";
 }
 
 // ---------------------------------------------------------- channel list
 
-function ordered() {
-  return state.channels
+/** Channels in routing order (priority, then file order), each with its effective priority. */
+function ordered(channels = state.channels) {
+  return channels
     .map((c, i) => ({ c, i, p: Number.isInteger(c.priority) ? c.priority : i + 1 }))
     .sort((a, b) => a.p - b.p || a.i - b.i)
     .map((x) => ({ channel: x.c, priority: x.p }));
@@ -252,6 +248,12 @@ async function loadChannels(quiet = false) {
     state.channels = data.channels;
     state.listJson = json;
     renderTable();
+    const config = JSON.stringify(data.channels.map(({ state: live, ...c }) => c));
+    if (config !== state.configJson) {
+      state.configJson = config;
+      renderRouteConfig();
+      if (state.routeModel) await previewRoute(state.routeModel, true);
+    }
   } catch (err) {
     if (err.status === 401) return;
     $("list-error").textContent = `Could not load the channels: ${err.message}`;
@@ -281,16 +283,16 @@ function rowHtml({ channel: c, priority }, index, count) {
     (allow.length ? `<div class="sub">allow: ${allow.map(code).join(" ")}</div>` : "");
 
   return `<tr data-name="${name}" class="${status === "active" ? "" : "inactive"}">
-    <td class="num">${esc(priority)}</td>
+    <td class="num" data-label="Priority">${esc(priority)}</td>
     <th scope="row"><span class="name">${name}</span><span class="sub">${esc(c.serviceType || "claude")}</span></th>
-    <td><span class="badge status-${esc(status)}">${esc(status)}</span></td>
-    <td class="url"><span class="mono">${esc(c.baseUrl)}</span>${urls.length
+    <td class="status" data-label="Status"><span class="badge status-${esc(status)}">${esc(status)}</span></td>
+    <td class="url" data-label="Base URL"><span class="mono">${esc(c.baseUrl)}</span>${urls.length
       ? `<span class="sub" title="${esc(urls.join("\n"))}">+${urls.length} more URL${urls.length > 1 ? "s" : ""}</span>` : ""}
-      <span class="sub">auth: ${esc(c.authHeader || "auto")}</span></td>
-    <td class="keys">${keyList}</td>
-    <td class="models">${models}</td>
-    <td class="live">${liveHtml(c)}</td>
-    <td class="actions"><div class="btns">
+      <span class="sub">auth: ${esc(c.authHeader || "auto")}</span>${thinkingHtml(c)}</td>
+    <td class="keys" data-label="Keys">${keyList}</td>
+    <td class="models" data-label="Models">${models}</td>
+    <td class="live" data-label="Live state">${liveHtml(c)}</td>
+    <td class="actions" data-label="Actions"><div class="btns">
       <button type="button" data-action="test" aria-label="Test ${name}">Test</button>
       <button type="button" data-action="edit" aria-label="Edit ${name}">Edit</button>
       <button type="button" data-action="toggle" aria-label="${toggle} ${name}">${toggle}</button>
@@ -300,10 +302,19 @@ function rowHtml({ channel: c, priority }, index, count) {
         ${index === count - 1 ? "disabled" : ""}>↓</button>
       <button type="button" data-action="delete" class="danger-text" aria-label="Delete ${name}">Delete</button>
     </div></td>
-  </tr>${note ? `<tr class="note-row" data-name="${name}"><td></td><td colspan="7">
+  </tr>${note ? `<tr class="note-row" data-name="${name}"><td class="spacer"></td><td colspan="7">
     <div class="note note-${note.kind}"><span>${note.html}</span>${note.kind === "pending" ? ""
       : `<button type="button" class="link" data-action="dismiss" aria-label="Dismiss the message for ${name}">Dismiss</button>`}
     </div></td></tr>` : ""}`;
+}
+
+function thinkingHtml(c) {
+  const on = [
+    c.thinkingSignatures && c.thinkingSignatures !== "keep" ? `signatures ${c.thinkingSignatures}` : null,
+    c.thinkingPassback === true ? "passback" : null,
+    c.stripBillingBlock === true ? "strip billing line" : null,
+  ].filter(Boolean);
+  return on.length ? `<span class="sub">thinking: ${esc(on.join(", "))}</span>` : "";
 }
 
 function liveHtml(c) {
@@ -350,13 +361,15 @@ function setNote(name, kind, html) {
   renderTable();
 }
 
-/** Run a write for one row; its error (or a conflict) is shown under that row. */
+/** Run a write for one row; its error (or a conflict) is shown under that row.
+ * `done` is the status line on success, or a function of the write's result giving it. */
 async function rowWrite(name, label, write, done) {
   state.busy += 1;
   try {
-    await write();
+    const result = await write();
     state.notes.delete(name);
-    setStatus(done);
+    const [text, isError] = [].concat(typeof done === "function" ? done(result) : done);
+    setStatus(text, Boolean(isError));
   } catch (err) {
     const conflict = err.status === 409
       ? " The list has been reloaded with the other change; try again if you still want this." : "";
@@ -405,6 +418,12 @@ async function move(name, delta) {
     `Moved ${name} ${delta < 0 ? "up" : "down"}: it is now number ${j + 1}.`);
 }
 
+/** Delete; the server renumbers the rest 1..n in the same write (no gaps). */
+async function deleteChannel(name) {
+  const left = await api("DELETE", channelPath(name));
+  return { count: (left.channels || []).length };
+}
+
 function confirmDelete(name) {
   const dialog = $("confirm-dialog");
   $("confirm-text").textContent = `"${name}" is removed from the channels file at once ` +
@@ -442,7 +461,8 @@ async function onTableClick(event) {
       focusRowButton(name, "delete");
       return;
     }
-    await rowWrite(name, `Deleting ${name}`, () => api("DELETE", channelPath(name)), `Deleted channel ${name}.`);
+    await rowWrite(name, `Deleting ${name}`, () => deleteChannel(name), ({ count }) =>
+      `Deleted channel ${name}${count ? `; the others are numbered 1 to ${count}` : ""}.`);
     if (!focusRowButton(name, "delete")) $("add-channel").focus();
   } else if (action === "dismiss") {
     state.notes.delete(name);
@@ -474,36 +494,73 @@ async function copySnippet() {
     button.focus();
   }
   button.textContent = ok ? "Copied" : "Copy failed";
-  announce(ok ? "Copied the two export lines. Replace the placeholder with your PROXY_ACCESS_KEY."
+  announce(ok ? `Copied the two export lines, a template: replace ${KEY_TEMPLATE} with the gateway's ` +
+    "PROXY_ACCESS_KEY before running them."
     : "Copying failed: select the lines and copy them yourself.");
   if (!ok) getSelection().selectAllChildren($("connect-snippet"));
-  setTimeout(() => { button.textContent = "Copy"; }, 2000);
+  setTimeout(() => { button.textContent = "Copy template"; }, 2000);
 }
 
 async function showRoute(event) {
   event.preventDefault();
-  const out = $("route-result");
   const input = $("route-model");
   const model = input.value.trim();
   input.setAttribute("aria-invalid", model ? "false" : "true");
   if (!model) {
-    out.innerHTML = `<p class="error-text">Enter a model name, e.g. ${code("claude-sonnet-4-6")}.</p>`;
+    state.routeModel = null;
+    $("route-result").innerHTML = `<p class="error-text">Enter a model name, e.g. ${code("claude-sonnet-4-6")}.</p>`;
     return;
   }
+  await previewRoute(model);
+}
+
+/** Ask the gateway where `model` goes; `refreshed`: re-run because the channels changed. */
+async function previewRoute(model, refreshed = false) {
+  const out = $("route-result");
+  state.routeModel = model;
+  const when = refreshed ? `<p class="hint">Updated for the current channels at ${esc(new Date().toLocaleTimeString())}.</p>` : "";
   try {
     const r = await api("GET", `route?model=${encodeURIComponent(model)}`);
+    if (state.routeModel !== model) return; // a newer preview was asked for meanwhile
     if (!r.channel) {
       out.innerHTML = `<p class="error-text">No active channel serves ${code(model)}: clients get ` +
-        `400 model_not_found (with the list of models this gateway serves).</p>`;
+        `400 model_not_found (with the list of models this gateway serves).</p>${when}`;
       return;
     }
     const rest = r.candidates.slice(1).map((c) => `${esc(c.channel)} (${code(c.upstreamModel)})`);
     out.innerHTML = `<p>${code(model)} → channel <strong>${esc(r.channel)}</strong>, upstream model ` +
       `${code(r.upstreamModel)}</p>` + (rest.length ? `<p class="hint">Fails over to: ${rest.join(", ")}</p>`
-      : `<p class="hint">No other channel would take it.</p>`);
+      : `<p class="hint">No other channel would take it.</p>`) + when;
   } catch (err) {
+    if (err.status === 401) return;
     out.innerHTML = `<p class="error-text">Could not preview the route: ${esc(err.message)}</p>`;
   }
+}
+
+/** The ids GET /v1/models lists, as catalog.served_ids builds them: active channels in order. */
+function servedModels() {
+  const ids = new Set();
+  for (const { channel: c } of ordered()) {
+    if ((c.status || "active") !== "active") continue;
+    const keys = Object.keys(c.modelMapping || {});
+    const exact = (c.supportedModels || []).filter((p) => !p.includes("*") && !p.startsWith("!"));
+    const candidates = (c.models || []).length ? c.models : exact.length ? exact
+      : claudeCodeModels().filter((m) => !keys.length || keys.some((k) => m.includes(k)));
+    for (const m of candidates) if (serves(c, m).ok) ids.add(m);
+  }
+  return [...ids];
+}
+
+/** The "Try it" panel's view of the config: suggestions and the serving order. */
+function renderRouteConfig() {
+  const models = servedModels();
+  $("route-models").replaceChildren(...models.map((m) => Object.assign(document.createElement("option"), { value: m })));
+  const active = ordered().filter(({ channel: c }) => (c.status || "active") === "active");
+  $("route-config").innerHTML = active.length
+    ? `<p class="hint">Serving now, in order: ${active.map(({ channel: c }) => `<strong>${esc(c.name)}</strong>`)
+      .join(" → ")}.</p><p class="hint">Model ids clients are offered: ${models.length
+      ? models.map(code).join(" ") : "none"}</p>`
+    : `<p class="error-text">No channel is active: every request is refused.</p>`;
 }
 
 // ------------------------------------------------------------ the form
@@ -595,40 +652,55 @@ function openForm(channel, opener) {
   $("f-supportedModels").value = (c.supportedModels || []).join("\n");
   Object.entries(c.customHeaders || {}).forEach(([k, v]) => addRow("header", [k, v]));
   TIMEOUT_FIELDS.forEach((f) => { $(`f-${f}`).value = Number.isInteger(c[f]) ? c[f] : ""; });
+  setThinking(c);
   $("map-sample").value = "";
   updateMapResult();
   $("channel-dialog").showModal();
   $("f-name").focus();
 }
 
+/** The thinking options of `c` (a channel or a preset's `thinking`) into the form; absent: the default. */
+function setThinking(c) {
+  $("f-thinkingSignatures").value = SIGNATURE_MODES.includes(c.thinkingSignatures) ? c.thinkingSignatures : "keep";
+  $("f-thinkingPassback").checked = c.thinkingPassback === true;
+  $("f-stripBillingBlock").checked = c.stripBillingBlock === true;
+}
+
 function applyPreset(id) {
-  const p = PRESETS[id];
+  const p = presets()[id];
+  if (!p) return;
+  const c = p.channel;
   const name = $("f-name");
-  const presetNames = Object.values(PRESETS).map((x) => x.name);
+  const presetNames = Object.values(presets()).map((x) => x.channel.name);
   if (!name.value.trim() || presetNames.some((n) => name.value.trim().startsWith(n))) {
-    const taken = new Set(state.channels.map((c) => c.name));
-    let candidate = p.name;
-    for (let n = 2; taken.has(candidate); n += 1) candidate = `${p.name}-${n}`;
+    const taken = new Set(state.channels.map((ch) => ch.name));
+    let candidate = c.name;
+    for (let n = 2; taken.has(candidate); n += 1) candidate = `${c.name}-${n}`;
     name.value = candidate;
   }
-  $("f-serviceType").value = "claude";
-  $("f-baseUrl").value = p.baseUrl;
-  $("f-authHeader").value = p.authHeader;
+  $("f-serviceType").value = c.serviceType || "claude";
+  $("f-baseUrl").value = c.baseUrl;
+  $("f-authHeader").value = c.authHeader || "auto";
+  const key = (c.apiKeys || [])[0] || "";
   const keys = rowValues("key").filter((r) => r.values[0]);
-  const presetKeys = Object.values(PRESETS).map((x) => x.key);
+  const presetKeys = Object.values(presets()).map((x) => (x.channel.apiKeys || [])[0]);
   if (keys.every((r) => presetKeys.includes(r.values[0]))) {
     clearRows("key");
-    addRow("key", [p.key]);
+    addRow("key", [key]);
   }
+  const mapping = c.modelMapping || {};
   clearRows("map");
-  Object.entries(p.mapping).forEach(([k, v]) => addRow("map", [k, v]));
-  if (!Object.keys(p.mapping).length) addRow("map");
-  $("f-supportedModels").value = (p.supportedModels || []).join("\n");
-  const variable = p.key.slice(2, -1);
-  $("form-note").textContent = `${p.label} preset: the gateway reads the key from $${variable}; ` +
-    "export it before starting the gateway, or save with status disabled for now.";
+  Object.entries(mapping).forEach(([k, v]) => addRow("map", [k, v]));
+  if (!Object.keys(mapping).length) addRow("map");
+  $("f-supportedModels").value = (c.supportedModels || []).join("\n");
+  setThinking(c);
+  const variable = key.startsWith("${") ? key.slice(2, -1) : "";
+  $("form-note").textContent = `${p.label} preset (checked ${state.info.presetsChecked}): ` +
+    (variable ? `the gateway reads the key from $${variable}; export it before starting the gateway, ` +
+      "or save with status disabled for now." : "fill in the key.");
   updateMapResult();
-  announce(`Filled in the ${p.label} preset: base URL, auth header, model mapping and key ${p.key}.`);
+  announce(`Filled in the ${p.label} preset: base URL, auth header, model mapping, thinking options ` +
+    `and key ${key}.`);
 }
 
 function updateMapResult() {
@@ -728,6 +800,11 @@ function collect() {
     const value = integerField(field, errors);
     if (value !== undefined) body[field] = value;
   }
+  // Defaults are left out, as the file's own defaults say the same thing.
+  const signatures = $("f-thinkingSignatures").value;
+  if (signatures !== "keep") body.thinkingSignatures = signatures;
+  if ($("f-thinkingPassback").checked) body.thinkingPassback = true;
+  if ($("f-stripBillingBlock").checked) body.stripBillingBlock = true;
   return { body: { ...body, ...base }, errors };
 }
 
