@@ -26,7 +26,8 @@ install: $(STAMP)
 # The demo: gateway on :3000 plus the built-in mock upstream on :3001, one process.
 # Uses $PROXY_ACCESS_KEY / $ADMIN_ACCESS_KEY when set, else makes them up and prints them.
 # Runs on $(DATA_DIR)/channels.json, copied from channels.example.json the first time, so
-# console edits (and their backups/) stay out of the repository.  Other ports:
+# console edits (and their backups/) stay out of the repository; members and usage go to
+# $(DATA_DIR)/ccx.db.  Other ports:
 #   make run PORT=8080 MOCK_PORT=8081
 DATA_DIR  ?= data
 PORT      ?= 3000
@@ -36,6 +37,7 @@ run: $(RUN_STAMP)
 	@mkdir -p "$(DATA_DIR)"
 	@test -f "$(DATA_DIR)/channels.json" || { cp channels.example.json "$(DATA_DIR)/channels.json" && \
 		echo "created $(DATA_DIR)/channels.json from channels.example.json"; }
+	DATA_DIR="$(DATA_DIR)" \
 	PROXY_ACCESS_KEY="$${PROXY_ACCESS_KEY:-$$($(KEYGEN) ccx-)}" \
 	ADMIN_ACCESS_KEY="$${ADMIN_ACCESS_KEY:-$$($(KEYGEN) admin-)}" \
 		$(BIN)/ccx-proxy serve --with-mock-upstream --config "$(DATA_DIR)/channels.json" \
@@ -49,7 +51,7 @@ test: $(STAMP)
 
 # Re-take the admin console screenshots in docs/ (the browser test, kept images).
 screenshots: $(STAMP)
-	CCX_SCREENSHOT_DIR=docs $(BIN)/python -m pytest -q tests/test_admin_browser.py
+	CCX_SCREENSHOT_DIR=docs $(BIN)/python -m pytest -q tests/test_admin_browser.py tests/test_admin_team_browser.py
 
 # Benchmarks: the gateway vs the same upstream direct, side by side (bench/run.py; the
 # README's Performance section).  apt-get installs wrk when missing; the "bench" extra

@@ -259,6 +259,39 @@ def _scaling_rows(t: Table, r: dict[str, Any]) -> None:
         )
 
 
+TARGET_TEAM_COST = 0.05  # members + usage recording: at most 5% of requests/s
+
+
+def _team_rows(t: Table, r: dict[str, Any]) -> None:
+    off, member = r["team_off"]["rps_median"], r["team_member"]["rps_median"]
+    cost = 1 - member / off if off else float("nan")
+    t.add(
+        "6 team, 64 conns",
+        "requests/s: no member, recording off → member key, usage recorded",
+        f"{off:,.0f}",
+        f"{member:,.0f}",
+        f"{-cost * 100:+.1f}%",
+        ratio(member, off),
+        f"cost ≤ {TARGET_TEAM_COST * 100:.0f}%",
+        cost <= TARGET_TEAM_COST,
+    )
+    cpu_off, cpu_member = r["team_off"]["cpu_us_per_request"], r["team_member"]["cpu_us_per_request"]
+    answered = r["team_member"]["requests"] - r["team_member"]["errors"]
+    t.add(
+        "6 team, 64 conns",
+        "gateway CPU per request (all its threads)",
+        us(cpu_off),
+        us(cpu_member),
+        signed_us(cpu_member - cpu_off),
+        ratio(cpu_member, cpu_off),
+    )
+    t.add(
+        "6 team, 64 conns",
+        "usage rows written / requests answered (member run)",
+        gateway=f"{r['usage_rows_written']:,} / {answered:,}",
+    )
+
+
 def rows(results: dict[str, Any]) -> list[Row]:
     t = Table()
     s = results["scenarios"]
@@ -273,6 +306,8 @@ def rows(results: dict[str, Any]) -> list[Row]:
         _stream_rows(t, s["long_streams"])
     if "scaling" in s:
         _scaling_rows(t, s["scaling"])
+    if "team" in s:
+        _team_rows(t, s["team"])
     return t.rows
 
 

@@ -62,9 +62,10 @@ class Ctx:
     baseline_ref: str = ""
     procs: dict[str, Proc] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)  # a target's client key, if not ACCESS_KEY
 
     def headers(self, target: str) -> dict[str, str]:
-        key = UPSTREAM_KEY if target == "direct" else ACCESS_KEY
+        key = UPSTREAM_KEY if target == "direct" else self.keys.get(target, ACCESS_KEY)
         return {**CLIENT_HEADERS, "x-api-key": key}
 
     def request(self, target: str, body: bytes) -> bytes:
@@ -72,7 +73,12 @@ class Ctx:
         return build_request("/v1/messages", f"127.0.0.1:{port}", self.headers(target), body)
 
     def start_gateway(
-        self, name: str, workers: int = 1, cpus: list[int] | None = None, source: Path | None = None
+        self,
+        name: str,
+        workers: int = 1,
+        cpus: list[int] | None = None,
+        source: Path | None = None,
+        env_extra: dict[str, str] | None = None,
     ) -> int:
         """A gateway process; ``source``: another checkout's src/ to run instead of this one."""
         port = free_port()
@@ -81,6 +87,7 @@ class Ctx:
         env = {"PROXY_ACCESS_KEY": ACCESS_KEY, "LOG_LEVEL": "WARNING", "WORKERS": ""}
         if source is not None:
             env["PYTHONPATH"] = str(source)
+        env.update(env_extra or {})
         self.procs[name] = Proc(name, argv, cpus or self.gw_cpus, self.tmp, env, port)
         self.ports[name] = port
         return port
@@ -311,3 +318,62 @@ def scaling(ctx: Ctx) -> dict[str, object]:
             "runs": runs,
         }
     return out
+
+
+def team(ctx: Ctx) -> dict[str, object]:
+    """6. Members and usage: the same build with no member and usage recording off, vs a
+    member's key (hash lookup, limits checked, usage read from the stream and written to
+    SQLite once a second), at 64 connections, alternating."""
+    from ccx_proxy.team import db, members  # the tree under test (bench runs in its venv)
+
+    off_dir, member_dir = ctx.tmp / "data-off", ctx.tmp / "data-member"
+    conn = db.connect(db.path_in(member_dir))
+    limits = members.Limits(rpm=100_000_000, maxConcurrent=100_000, dailyTokens=10**15)
+    _, key = members.add(conn, "bench-member", limits=limits)
+    conn.close()
+    ctx.start_gateway("team_off", env_extra={"DATA_DIR": str(off_dir), "USAGE_RECORDING": "false"})
+    ctx.start_gateway("team_member", env_extra={"DATA_DIR": str(member_dir)})
+    ctx.keys["team_member"] = key
+    conns = 64
+    seconds = 1.0 if ctx.quick else 3.0
+    rounds = 1 if ctx.quick else 3
+    targets = ["team_off", "team_member"]
+    runs: dict[str, list[dict[str, float]]] = {t: [] for t in targets}
+    try:
+        if not ctx.quick:
+            for target in targets:
+                ctx.load(target, conns, 1.0)
+        for r in range(rounds):
+            for target in targets if r % 2 == 0 else targets[::-1]:
+                proc = ctx.procs[target]
+                cpu0 = proc.cpu()
+                result = ctx.load(target, conns, seconds)
+                result["cpu_us_per_request"] = 1e6 * (proc.cpu() - cpu0) / max(1, result["requests"])
+                runs[target].append(result)
+        rss = {t: ctx.procs[t].rss() for t in targets}
+    finally:
+        ctx.stop("team_off")
+        ctx.stop("team_member")
+    recorded = 0
+    conn = db.connect(db.path_in(member_dir), create=False)
+    try:
+        recorded = conn.execute("SELECT count(*) FROM usage").fetchone()[0]
+    finally:
+        conn.close()
+    return {
+        "connections": conns,
+        "seconds": seconds,
+        "rounds": rounds,
+        **{
+            t: {
+                "rps_median": statistics.median(x["rps"] for x in rs),
+                "cpu_us_per_request": statistics.median(x["cpu_us_per_request"] for x in rs),
+                "requests": sum(x["requests"] for x in rs),
+                "errors": sum(x["errors"] for x in rs),
+                "rss_bytes_end": rss[t],
+                "runs": rs,
+            }
+            for t, rs in runs.items()
+        },
+        "usage_rows_written": recorded,
+    }

@@ -49,7 +49,11 @@ def test_bench_quick_mode_produces_every_figure(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "bench-quick.json").read_text())
     assert {"python", "aiohttp", "uvloop", "cpus_online", "loadgen"} <= set(data["machine"])
     s = data["scenarios"]
-    assert set(s) == {"latency", "throughput", "big_bodies", "long_streams", "scaling"}
+    assert set(s) == {"latency", "throughput", "big_bodies", "long_streams", "scaling", "team"}
+    team = s["team"]
+    assert team["team_off"]["errors"] == 0 and team["team_member"]["errors"] == 0
+    member = team["team_member"]
+    assert member["requests"] > 0 and team["usage_rows_written"] >= member["requests"]
     for target in ("direct", "gateway"):
         assert s["latency"][target]["errors"] == 0 and s["latency"][target]["ttfb_us"]["n"] == 30
         assert (

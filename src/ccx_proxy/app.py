@@ -114,14 +114,14 @@ async def root(request: web.Request) -> web.Response:
 
 async def list_models(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
-    gateway.access_keys.check(request.headers)
+    gateway.team.authenticate(request.headers)
     page = gateway.runtime.catalog.page(dict(request.query))
     return web.Response(body=page, content_type=JSON_CONTENT_TYPE)
 
 
 async def get_model(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
-    gateway.access_keys.check(request.headers)
+    gateway.team.authenticate(request.headers)
     model_id = request.match_info["model_id"]
     catalog = gateway.runtime.catalog
     entry = catalog.entry(model_id)
@@ -142,11 +142,13 @@ def create_app(settings: Settings, config: GatewayConfig, clock: Clock | None = 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         client = UpstreamClient()
         gateway.open_client(client)
+        await gateway.team.start()
         if watcher is not None:
             watcher.start()
         yield
         if watcher is not None:
             await watcher.stop()
+        await gateway.team.stop()
         client.close()
 
     app.cleanup_ctx.append(lifecycle)

@@ -10,7 +10,7 @@ from .headers import client_key
 
 
 class AccessKeys:
-    __slots__ = ("_keys", "_missing", "_wrong")
+    __slots__ = ("_keys", "missing_message", "wrong_message")
 
     def __init__(self, keys: Iterable[str], variable: str = "PROXY_ACCESS_KEY") -> None:
         self._keys = tuple(k.encode() for k in keys)
@@ -19,11 +19,11 @@ class AccessKeys:
         hint = " (ANTHROPIC_API_KEY)" if variable == "PROXY_ACCESS_KEY" else ""
         # Messages, not exception objects: an exception raised again and again would grow
         # one traceback forever (every raise appends its frames).
-        self._missing = (
+        self.missing_message = (
             f"missing access key: send the gateway's {variable} as x-api-key{hint} "
             "or as Authorization: Bearer"
         )
-        self._wrong = (
+        self.wrong_message = (
             f"invalid access key: it does not match the gateway's {variable}; "
             f"send the key the gateway's operator gave you{hint}"
         )
@@ -39,6 +39,6 @@ class AccessKeys:
     def check(self, headers: Mapping[str, str]) -> None:
         candidate = client_key(headers)
         if candidate is None:
-            raise AuthenticationFailed(self._missing)
+            raise AuthenticationFailed(self.missing_message)
         if not self.matches(candidate):
-            raise AuthenticationFailed(self._wrong)
+            raise AuthenticationFailed(self.wrong_message)

@@ -1,4 +1,5 @@
-"""The ``ccx-proxy`` command: ``serve``, ``check-config``, ``mock-upstream`` and ``bench``."""
+"""The ``ccx-proxy`` command: ``serve``, ``check-config``, ``mock-upstream``, ``bench``,
+``members`` and ``usage``."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .mock_upstream import DEFAULT_KEY, DEFAULT_PORT, MockUpstream
 from .server import install, server_kwargs
 from .settings import Settings, SettingsError
 from .state import GATEWAY
+from .team import cli as team_cli
 from .workers import WorkersError, serve_workers, worker_count
 
 log = logging.getLogger("ccx_proxy")
@@ -104,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     _complete_help(
         bench, {"prompt": "the user message sent both ways", "max_tokens": "max_tokens per request"}
     )
+    team_cli.add_commands(command)
     return parser
 
 
@@ -136,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(args.config)
     if args.command == "bench":
         return benchmark.main(args)
+    if args.command in ("members", "usage"):
+        return team_cli.main(args)
     if args.command == "mock-upstream":
         key = args.key or os.environ.get("MOCK_UPSTREAM_KEY") or DEFAULT_KEY
         return _run(_serve_apps([_Listen(MockUpstream(key).app(), args.host, args.port, "--port")], None))
@@ -184,6 +189,14 @@ def serve(args: argparse.Namespace) -> int:
         if args.with_mock_upstream:
             print("ccx-proxy: --with-mock-upstream runs in one process: use --workers 1", file=sys.stderr)
             return 2
+        log.warning(
+            "--workers %d: member limits (requests per minute, concurrency, budgets) are enforced per "
+            "worker, so a member may get up to %d times a limit; members, keys and usage are shared "
+            "through %s",
+            workers,
+            workers,
+            settings.data_dir,
+        )
         return serve_workers(settings.host, settings.port, settings.channels_file, workers)
     if args.with_mock_upstream and args.mock_port != DEFAULT_PORT:
         config = follow_mock_port(config, args.mock_port)

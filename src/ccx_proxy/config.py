@@ -31,6 +31,8 @@ from .policy import (
     Timeouts,
     parse_section,
 )
+from .team.prices import EMPTY as EMPTY_PRICES
+from .team.prices import PriceTable, parse_prices
 from .thinking import OFF, THINKING_FIELDS, ThinkingOptions, parse_thinking
 from .upstream.wire import Endpoints, Proxy, WireError, endpoints, environment_proxy, parse_proxy
 
@@ -60,13 +62,14 @@ CHANNEL_FIELDS = frozenset(
         "proxyUrl",
         "insecureSkipVerify",
         "forwardAcceptEncoding",
+        "prices",
         *THINKING_FIELDS,
         *TIMEOUT_FIELDS,
     }
 )
 IDENTITY = ("Accept-Encoding", "identity")  # plain bytes from upstreams: see forwardAcceptEncoding
 TOP_LEVEL_FIELDS = frozenset(
-    {"channels", "upstream", "circuitBreaker", "sessionAffinity", *TIMEOUT_FIELDS, *ROUTING_FIELDS}
+    {"channels", "upstream", "circuitBreaker", "sessionAffinity", "prices", *TIMEOUT_FIELDS, *ROUTING_FIELDS}
 )
 
 # Fields of CCX's own config.json that this gateway does not use: one warning each, never an
@@ -125,6 +128,7 @@ class Channel:
     insecure_skip_verify: bool = False
     forward_accept_encoding: bool = False
     thinking: ThinkingOptions = OFF  # thinkingSignatures, thinkingPassback, stripBillingBlock
+    prices: PriceTable = field(default=EMPTY_PRICES, repr=False)  # over the top-level table
     # Compiled once, from the fields above:
     models: ModelTable = field(init=False, repr=False, compare=False)
     allowlist: Allowlist = field(init=False, repr=False, compare=False)
@@ -195,6 +199,7 @@ class GatewayConfig:
     affinity: AffinityPolicy = field(default_factory=AffinityPolicy)
     timeouts: Timeouts = field(default_factory=Timeouts)  # defaults for channels
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    prices: PriceTable = field(default=EMPTY_PRICES, repr=False)  # "prices", top level
 
     @property
     def active(self) -> tuple[Channel, ...]:
@@ -256,6 +261,7 @@ def parse_config(data: Any, env: Mapping[str, str], source: str | None = None) -
     affinity: AffinityPolicy = parse_section(
         AffinityPolicy, data.get("sessionAffinity"), "sessionAffinity", problems
     )
+    prices = parse_prices(data.get("prices"), "prices", problems)
 
     channels: list[Channel] = []
     unknown_fields: dict[str, list[str]] = {}
@@ -296,6 +302,7 @@ def parse_config(data: Any, env: Mapping[str, str], source: str | None = None) -
         affinity=affinity,
         timeouts=timeouts,
         breaker=breaker,
+        prices=prices,
     )
 
 
@@ -555,6 +562,7 @@ def _parse_channel(
         )
     forward_encoding = f.flag("forwardAcceptEncoding")
     thinking = parse_thinking(item, where, problems, base_url)
+    prices = parse_prices(item.get("prices"), f"{where}.prices", problems)
 
     timeouts = _timeouts(
         {k: v for k, v in item.items() if k in TIMEOUT_FIELDS}, where, problems, default_timeouts
@@ -590,6 +598,7 @@ def _parse_channel(
         insecure_skip_verify=insecure,
         forward_accept_encoding=forward_encoding,
         thinking=thinking,
+        prices=prices,
     )
 
 

@@ -152,6 +152,13 @@ class RateLimited(GatewayError):
     error_type = "rate_limit_error"
 
 
+class BudgetExhausted(RateLimited):
+    """A member's token or USD budget is used up: waiting until it resets is the only fix,
+    so no client retry (x-should-retry: false), and Retry-After says when it resets."""
+
+    retryable = False
+
+
 class UpstreamUnreachable(GatewayError):
     status = 502
     error_type = "api_error"
@@ -197,7 +204,7 @@ def render(error: GatewayError) -> web.Response:
     )
     if not error.retryable:
         response.headers["x-should-retry"] = "false"
-    elif error.retry_after is not None or error.status in (429, 503, 529):
+    if error.retry_after is not None or (error.retryable and error.status in (429, 503, 529)):
         seconds = RETRY_AFTER_DEFAULT if error.retry_after is None else error.retry_after
         response.headers["Retry-After"] = str(max(1, math.ceil(seconds)))
     return response

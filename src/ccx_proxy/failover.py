@@ -81,6 +81,7 @@ class Connected:
     response: Response
     attempt: Attempt
     started: float  # loop time the request started: for the time to first byte
+    attempts: int = 1  # upstream attempts made, this one included
 
 
 @dataclass(slots=True)
@@ -348,7 +349,7 @@ async def _attempt(
             verdict = await _error_first(req, candidate, endpoint.origin.host, attempt, response)
             if verdict is not None:
                 return verdict
-        return Connected(response, attempt, req.started)
+        return Connected(response, attempt, req.started, req.attempts)
     try:
         async with asyncio.timeout_at(req.deadline):
             raw = await response.read(ERROR_BODY_LIMIT)

@@ -14,9 +14,10 @@ import contextlib
 import orjson
 from aiohttp import web
 
-from .affinity import session_of
+from .affinity import SESSION_HEADER, session_of
 from .body import read_model
 from .errors import (
+    GatewayError,
     InvalidRequest,
     Overloaded,
     RequestTimeout,
@@ -29,6 +30,8 @@ from .headers import client_response_headers, forwarded_raw, scrub_head
 from .routing import prefer
 from .state import GATEWAY, Gateway
 from .stream import relay_sse
+from .team.meter import UsageMeter
+from .team.service import Ticket, allowed_channels, check_model
 from .upstream.bodies import ERROR_BODY_LIMIT, client_error_body
 from .upstream.errors import upstream_errors
 from .upstream.wire import WireError, check_query
@@ -94,7 +97,8 @@ def _too_large(limit: int) -> RequestTooLarge:
 async def _forward(request: web.Request, *, count_tokens: bool) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     loop = gateway.client.loop
-    gateway.access_keys.check(request.headers)
+    team = gateway.team
+    member = team.authenticate(request.headers)
     encoding = request.headers.get("Content-Encoding")
     if encoding is not None and encoding.strip().lower() not in ("", "identity"):
         raise UnsupportedEncoding(
@@ -108,22 +112,50 @@ async def _forward(request: web.Request, *, count_tokens: bool) -> web.StreamRes
             "retry shortly",
             retry_after=1,
         )
+    session_id = request.headers.get(SESSION_HEADER)
+    ticket = Ticket(
+        member,
+        team.clock(),
+        session_id[:256] if session_id else None,
+        "count_tokens" if count_tokens else "messages",
+    )
     gateway.streams += 1
     try:
-        return await _relay(request, gateway, loop, count_tokens)
+        team.admit(ticket)
+        return await _relay(request, gateway, loop, count_tokens, ticket)
+    except GatewayError as exc:
+        ticket.status, ticket.error_type, ticket.outcome = exc.status, exc.error_type, "error"
+        raise
+    except (asyncio.CancelledError, ConnectionError):
+        ticket.outcome = "client_left"  # while waiting for the upstream, or mid-stream
+        raise
+    except Exception:
+        ticket.status, ticket.error_type, ticket.outcome = 500, "api_error", "error"
+        raise
     finally:
         gateway.streams -= 1
+        team.finish(ticket)
 
 
 async def _relay(
-    request: web.Request, gateway: Gateway, loop: asyncio.AbstractEventLoop, count_tokens: bool
+    request: web.Request,
+    gateway: Gateway,
+    loop: asyncio.AbstractEventLoop,
+    count_tokens: bool,
+    ticket: Ticket,
 ) -> web.StreamResponse:
     body = await _read_body(request, gateway)
     field = await read_model(body)
+    member = ticket.member
+    ticket.model, ticket.stream = field.name, field.stream
+    if member.models:
+        check_model(member, field.name)
     runtime = gateway.runtime  # one snapshot for the whole request
     routing = runtime.config.routing
     pinned = request.headers.get("x-channel") if routing.allowChannelHeader else None
     candidates = runtime.router.route(field.name, pinned)
+    if member.channels:
+        candidates = allowed_channels(member, candidates, field.name)
     session = None
     if runtime.config.affinity.enabled and pinned is None and len(candidates) > 1:
         session = session_of(request.headers, body)
@@ -166,11 +198,22 @@ async def _relay(
                 "apiKeys -- your own key is fine"
             )
         last.headers[CHANNEL_HEADER] = last.channel
+        ticket.channel, ticket.status, ticket.outcome = last.channel, last.status, "error"
+        ticket.error_type, ticket.attempts = _upstream_error_type(last.body), result.attempts
         return web.Response(status=last.status, reason=last.reason, headers=last.headers, body=last.body)
 
     upstream, attempt = result.response, result.attempt
     channel = attempt.channel
-    attempt.succeeded(loop.time() - result.started)
+    ttfb = loop.time() - result.started
+    attempt.succeeded(ttfb)
+    ticket.channel, ticket.upstream_model, ticket.status = channel.name, attempt.model, upstream.status
+    ticket.key_id, ticket.attempts, ticket.ttfb = attempt.api_key, result.attempts, ttfb
+    config_prices = runtime.config.prices
+    if channel.prices or config_prices:
+        ticket.prices = (channel.prices, config_prices)
+    meter = None
+    if upstream.status < 300 and (gateway.team.record_usage or member.limited):
+        meter = ticket.meter = UsageMeter()
     headers = client_response_headers(upstream.headers)
     reason = upstream.reason
     if upstream.status >= 300:  # an upstream may echo its key: masked (the 2xx path pays nothing)
@@ -189,6 +232,7 @@ async def _relay(
                 attempt,
                 loop,
                 gateway.settings.client_write_timeout,
+                meter,
             )
         else:
             upstream.set_read_timeout(channel.timeouts.inactivity)
@@ -199,9 +243,13 @@ async def _relay(
                         payload = client_error_body(upstream.status, headers, raw, channel.secrets)
                     else:
                         payload = await upstream.read()
+                        if meter is not None:
+                            meter.feed_json(payload)
             except Exception:
                 attempt.broke_off()
                 raise
+            if upstream.status >= 300:
+                ticket.outcome, ticket.error_type = "error", _upstream_error_type(payload)
             response = web.Response(status=upstream.status, reason=reason, headers=headers, body=payload)
         finished = True
         return response

@@ -14,6 +14,7 @@ DEFAULT_PORT = 3000
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_CHANNELS_FILE = "./channels.json"
 DEFAULT_MAX_BODY_MB = 50.0
+DEFAULT_DATA_DIR = "./data"
 
 
 class SettingsError(Exception):
@@ -35,6 +36,12 @@ class Settings:
     client_body_timeout: float = 30.0  # longest pause while a request body arrives
     client_keepalive_timeout: float = 75.0  # an idle keep-alive connection
     client_write_timeout: float = 60.0  # a client that accepts no bytes loses its stream
+    # The team database (members, usage): DATA_DIR/ccx.db.  None: no database (members
+    # cannot exist, usage is not kept); from_env defaults it to ./data.
+    data_dir: str | None = None
+    allow_shared_key: bool = True  # PROXY_ACCESS_KEY still works once members exist
+    usage_recording: bool = True
+    usage_retention_days: int = 90
 
     @classmethod
     def from_env(
@@ -79,7 +86,14 @@ class Settings:
         keepalive_ms = _non_negative_int(env, "CLIENT_KEEPALIVE_TIMEOUT_MS", 75_000)
         write_ms = _non_negative_int(env, "CLIENT_WRITE_TIMEOUT_MS", 60_000)
         watch_ms = _non_negative_int(env, "CONFIG_WATCH_INTERVAL_MS", 500)
+        retention = _non_negative_int(env, "USAGE_RETENTION_DAYS", 90)
+        if retention < 1:
+            raise SettingsError("USAGE_RETENTION_DAYS must be at least 1")
         return cls(
+            data_dir=env.get("DATA_DIR", "").strip() or DEFAULT_DATA_DIR,
+            allow_shared_key=_flag(env, "ALLOW_SHARED_KEY", True),
+            usage_recording=_flag(env, "USAGE_RECORDING", True),
+            usage_retention_days=retention,
             admin_keys=(admin,) if admin else (),
             config_backups=backups,
             watch_interval=watch_ms / 1000,
@@ -102,3 +116,14 @@ def _non_negative_int(env: Mapping[str, str], name: str, default: int) -> int:
     if not raw.isdigit():
         raise SettingsError(f"{name} must be a non-negative integer, not {raw!r}")
     return int(raw)
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("true", "1", "yes", "on"):
+        return True
+    if raw in ("false", "0", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be true or false, not {raw!r}")

@@ -16,6 +16,7 @@ from .config import GatewayConfig
 from .health import Clock, HealthRegistry
 from .routing import Router
 from .settings import Settings
+from .team.service import Team
 from .upstream.client import UpstreamClient
 
 
@@ -33,11 +34,28 @@ class Runtime:
 
 
 class Gateway:
-    __slots__ = ("settings", "access_keys", "runtime", "health", "affinity", "streams", "adjust", "_client")
+    __slots__ = (
+        "settings",
+        "access_keys",
+        "runtime",
+        "health",
+        "affinity",
+        "streams",
+        "adjust",
+        "team",
+        "_client",
+    )
 
     def __init__(self, settings: Settings, config: GatewayConfig, clock: Clock | None = None) -> None:
         self.settings = settings
         self.access_keys = AccessKeys(settings.access_keys)
+        self.team = Team(
+            self.access_keys,
+            settings.data_dir,
+            allow_shared=settings.allow_shared_key,
+            record_usage=settings.usage_recording and settings.data_dir is not None,
+            retention_days=settings.usage_retention_days,
+        )
         self.health = HealthRegistry(clock) if clock is not None else HealthRegistry()
         self.runtime = Runtime.build(config)
         self.affinity = SessionAffinity(config.affinity)

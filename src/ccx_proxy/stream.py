@@ -23,6 +23,7 @@ from multidict import CIMultiDict
 from .errors import sse_error_event
 from .policy import Timeouts
 from .server import STALLED_CLIENTS
+from .team.meter import USAGE_MARK, UsageMeter
 from .upstream.attempt import Attempt
 from .upstream.errors import UpstreamFailure
 from .upstream.response import Response
@@ -128,6 +129,7 @@ async def relay_sse(
     attempt: Attempt,
     loop: asyncio.AbstractEventLoop,
     write_timeout: float = 0.0,
+    meter: UsageMeter | None = None,
 ) -> web.StreamResponse:
     headers["X-Accel-Buffering"] = "no"
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
@@ -209,6 +211,9 @@ async def relay_sse(
                 if keepalive is not None:
                     keepalive.last = loop.time()
                     keepalive.boundary = _at_boundary(tail)
+                # Usage (team.meter): a substring search and a last-byte check per chunk.
+                if meter is not None and (meter.partial or USAGE_MARK in chunk or chunk[-1] != 10):
+                    meter.feed(chunk)
             if upstream.at_eof and (not inspect or _finished(tail)):
                 # The upstream is done: the last bytes and the end of the body in one write.
                 await write(chunk, eof=True)
@@ -220,6 +225,8 @@ async def relay_sse(
     if failure is not None:
         upstream.close()
         attempt.broke_off()
+        if meter is not None:
+            meter.outcome = "stalled" if "stalled" in failure else "upstream_cut"
         log.warning("%s", failure)
         if encoded:  # nothing can be appended to compressed bytes: cut the connection instead
             if request.transport is not None:

@@ -412,6 +412,9 @@ def setup_admin(
     app.router.add_post(base + "/{name}/test", test_channel)
     app.router.add_get("/api/messages/route", route_preview)
     app.router.add_get("/api/messages/info", info)
+    from .members import setup_members  # here: it imports this module
+
+    setup_members(app)
     app.router.add_get("/admin", console)
     app.router.add_get("/admin/", console)
     app.router.add_get("/admin/static/{file}", console)

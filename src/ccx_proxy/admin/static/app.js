@@ -1,9 +1,16 @@
-// ccx-proxy admin console: one plain ES module, no dependencies, no build step.
-// Talks to the admin API under /api/messages/ with the admin key (kept in sessionStorage).
+// ccx-proxy admin console: plain ES modules, no dependencies, no build step.
+// This one: sign-in, the page switcher (Messages, Members, Usage) and the Messages page,
+// which talks to the admin API under /api/messages/ with the admin key (kept in sessionStorage).
+// members.js and usage.js are the team pages; core.js what they all share.
+
+import {
+  $, GATEWAY_ROOT, announce, code, confirmAction, copyText, esc, lines, nextId, request, session, truncate,
+} from "./core.js";
+import * as members from "./members.js";
+import * as usage from "./usage.js";
 
 const KEY_STORAGE = "ccx-admin-key";
 const API_BASE = new URL("../api/messages/", location.href);
-const GATEWAY_ROOT = new URL("../", location.href).href.replace(/\/+$/, "");
 const REFRESH_MS = 5000;
 const TEST_MODELS = ["claude-haiku-4-5", "claude-sonnet-4-6", "claude-opus-4-1"];
 const MANAGED_FIELDS = [
@@ -38,6 +45,7 @@ const ROW_KINDS = {
 
 const state = {
   key: null, // admin key, also in sessionStorage
+  page: "messages",
   info: null,
   channels: [],
   version: null, // version of the list on screen (If-Match for row actions)
@@ -54,73 +62,17 @@ const state = {
 
 // ---------------------------------------------------------------- helpers
 
-const $ = (id) => document.getElementById(id);
-let uid = 0;
-const nextId = (prefix) => `${prefix}-${++uid}`;
-
-function esc(value) {
-  const map = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
-  return String(value ?? "").replace(/[&<>"']/g, (c) => map[c]);
-}
-
-function code(value) {
-  return `<code>${esc(value)}</code>`;
-}
-
-function truncate(text, n) {
-  return text.length > n ? `${text.slice(0, n - 1)}…` : text;
-}
-
-function lines(text) {
-  return text.split("\n").map((s) => s.trim()).filter(Boolean);
-}
-
-function announce(text) {
-  const box = $("announcer");
-  box.textContent = "";
-  setTimeout(() => { box.textContent = text; }, 30);
-}
-
 function setStatus(text, isError = false) {
   const line = $("status-line");
   line.textContent = text;
   line.classList.toggle("error-text", isError);
 }
 
-class ApiError extends Error {
-  constructor(status, type, message, problems = []) {
-    super(message);
-    this.status = status;
-    this.type = type;
-    this.problems = problems;
-  }
-}
-
 async function api(method, path, body, opts = {}) {
-  const headers = { "x-api-key": opts.key ?? state.key };
-  if (body !== undefined) headers["content-type"] = "application/json";
+  const headers = {};
   const version = opts.version ?? state.version;
   if (method !== "GET" && version) headers["if-match"] = `"${version}"`;
-  let res;
-  try {
-    res = await fetch(new URL(path, API_BASE), {
-      method, headers, cache: "no-store", body: body === undefined ? undefined : JSON.stringify(body),
-    });
-  } catch (err) {
-    throw new ApiError(0, "network", `cannot reach the gateway (${err.message})`);
-  }
-  const text = await res.text();
-  let data = null;
-  try {
-    data = text ? JSON.parse(text) : null;
-  } catch {
-    data = null;
-  }
-  if (res.ok) return data;
-  const error = (data && data.error) || {};
-  const failure = new ApiError(res.status, error.type, error.message || text || res.statusText, error.problems);
-  if (res.status === 401 && opts.key === undefined) signOut(`Signed out: ${failure.message}`);
-  throw failure;
+  return request(method, new URL(path, API_BASE), { body, key: opts.key, headers });
 }
 
 const channelPath = (name, suffix = "") => `channels/${encodeURIComponent(name)}${suffix}`;
@@ -169,8 +121,35 @@ function testModel(channel) {
 
 // ---------------------------------------------------------- sign in / out
 
+// ---------------------------------------------------------- pages
+
+const PAGES = {
+  messages: { label: "Messages", view: "messages-view", title: "messages-title", show: () => loadChannels() },
+  members: { label: "Members", view: "members-view", title: "members-title", show: members.show },
+  usage: { label: "Usage", view: "usage-view", title: "usage-title", show: usage.show },
+};
+
+const pageFromHash = () => {
+  const id = location.hash.slice(1);
+  return Object.hasOwn(PAGES, id) ? id : null;
+};
+
+/** Show one page: its section, the nav link marked current, the tab's title; load its data. */
+async function showPage(name, focus) {
+  state.page = name;
+  for (const [id, page] of Object.entries(PAGES)) $(page.view).hidden = id !== name;
+  for (const link of $("nav").querySelectorAll("a[data-page]")) {
+    if (link.dataset.page === name) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+  document.title = `${PAGES[name].label} · ccx-proxy admin`;
+  if (focus) $(PAGES[name].title).focus();
+  await PAGES[name].show();
+}
+
 function showSignIn(message = "") {
-  $("messages-view").hidden = true;
+  for (const page of Object.values(PAGES)) $(page.view).hidden = true;
+  document.title = "ccx-proxy admin";
   $("nav").hidden = true;
   $("sign-out").hidden = true;
   $("server-info").textContent = "";
@@ -185,10 +164,12 @@ function showSignIn(message = "") {
 function signOut(message = "") {
   sessionStorage.removeItem(KEY_STORAGE);
   state.key = null;
+  session.key = null;
   state.notes.clear();
   state.configJson = "";
   state.routeModel = null;
   $("route-result").replaceChildren();
+  members.forget();
   for (const dialog of document.querySelectorAll("dialog[open]")) dialog.close();
   showSignIn(message);
 }
@@ -204,15 +185,16 @@ async function signIn(key, restoring = false) {
     return;
   }
   state.key = key;
+  session.key = key;
   sessionStorage.setItem(KEY_STORAGE, key);
   $("admin-key").value = "";
   $("signin-view").hidden = true;
-  $("messages-view").hidden = false;
   $("nav").hidden = false;
   $("sign-out").hidden = false;
   renderInfo();
-  await loadChannels();
-  if (!restoring) $("messages-title").focus();
+  const page = pageFromHash() || "messages";
+  await showPage(page, false);
+  if (!restoring) $(PAGES[page].title).focus();
 }
 
 function renderInfo() {
@@ -425,13 +407,11 @@ async function deleteChannel(name) {
 }
 
 function confirmDelete(name) {
-  const dialog = $("confirm-dialog");
-  $("confirm-text").textContent = `"${name}" is removed from the channels file at once ` +
-    "(the previous file is kept in the backups folder next to it).";
-  dialog.returnValue = "";
-  dialog.showModal();
-  return new Promise((resolve) => {
-    dialog.addEventListener("close", () => resolve(dialog.returnValue === "confirm"), { once: true });
+  return confirmAction({
+    title: "Delete channel?",
+    text: `"${name}" is removed from the channels file at once ` +
+      "(the previous file is kept in the backups folder next to it).",
+    action: "Delete",
   });
 }
 
@@ -476,23 +456,7 @@ async function onTableClick(event) {
 async function copySnippet() {
   const text = $("connect-snippet").textContent;
   const button = $("copy-connect");
-  let ok = false;
-  try {
-    await navigator.clipboard.writeText(text);
-    ok = true;
-  } catch {
-    const area = Object.assign(document.createElement("textarea"), { value: text, readOnly: true });
-    area.className = "offscreen";
-    document.body.append(area);
-    area.select();
-    try {
-      ok = document.execCommand("copy");
-    } catch {
-      ok = false;
-    }
-    area.remove();
-    button.focus();
-  }
+  const ok = await copyText(text, button);
   button.textContent = ok ? "Copied" : "Copy failed";
   announce(ok ? `Copied the two export lines, a template: replace ${KEY_TEMPLATE} with the gateway's ` +
     "PROXY_ACCESS_KEY before running them."
@@ -969,8 +933,18 @@ function init() {
   for (const id of ["map-rows", "map-sample", "f-supportedModels"]) $(id).addEventListener("input", updateMapResult);
 
   setInterval(() => {
-    if (state.key && !state.busy && !document.hidden && $("auto-refresh").checked) loadChannels(true);
+    if (state.key && state.page === "messages" && !state.busy && !document.hidden && $("auto-refresh").checked) {
+      loadChannels(true);
+    }
   }, REFRESH_MS);
+
+  session.onUnauthorized = (message) => signOut(`Signed out: ${message}`);
+  window.addEventListener("hashchange", () => {
+    const page = pageFromHash();
+    if (state.key && page) showPage(page, true);
+  });
+  members.init();
+  usage.init();
 
   const saved = sessionStorage.getItem(KEY_STORAGE);
   if (saved) signIn(saved, true);

@@ -1,0 +1,308 @@
+"""The Team object the gateway holds: who is calling, may they, and what it cost.
+
+Per request: :meth:`Team.authenticate` (one hash lookup, or the shared keys),
+:meth:`Team.begin` (limits, and a :class:`Ticket` the relay fills in as it goes),
+:meth:`Team.finish` (usage, cost, budgets, one record queued).  In the background: the
+member index follows the database (``members_version`` polled every
+:data:`POLL_INTERVAL` s, so a revoked or rotated key stops working within a second on
+every worker), and the recorder writes batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..auth import AccessKeys
+from ..errors import AuthenticationFailed, PermissionDenied
+from ..headers import client_key, mask_secret
+from ..routing import Candidate
+from .db import Database, DatabaseError, path_in
+from .limits import Limiter, utc_day
+from .members import SHARED, SHARED_MEMBER, Member, MemberIndex, load_all, members_version
+from .meter import Usage, UsageMeter
+from .prices import PriceTable
+from .recorder import Record, Recorder
+
+log = logging.getLogger("ccx_proxy.team")
+
+POLL_INTERVAL = 0.5
+# Request ids: 8 random hex digits per process, then a counter (unique across workers and
+# restarts without a system call per request).
+_ID_PREFIX = os.urandom(4).hex()
+_ids = itertools.count(1)
+_MASKS: dict[str, str] = {}  # upstream key -> its mask (bounded: cleared when large)
+CLIENT_CLOSED = 499  # the status recorded when the client left before any answer (nginx's)
+
+
+def check_model(member: Member, model: str) -> None:
+    """403 when the member's model allowlist refuses ``model``."""
+    if not member.allowlist.admits(model):
+        raise PermissionDenied(
+            f"member {member.name!r} may not use model {model!r} (allowed: {', '.join(member.models)}); "
+            "ask the gateway's operator"
+        )
+
+
+def allowed_channels(member: Member, candidates: tuple[Candidate, ...], model: str) -> tuple[Candidate, ...]:
+    """The candidates on channels the member may use; 403 when none is left."""
+    kept = tuple(c for c in candidates if c.channel.name in member.channels)
+    if not kept:
+        raise PermissionDenied(
+            f"member {member.name!r} may not use the channels that serve model {model!r} "
+            f"(allowed channels: {', '.join(member.channels)}); ask the gateway's operator"
+        )
+    return kept
+
+
+def _mask(key: str) -> str:
+    mask = _MASKS.get(key)
+    if mask is None:
+        if len(_MASKS) > 1024:
+            _MASKS.clear()
+        mask = _MASKS[key] = mask_secret(key)
+    return mask
+
+
+class Ticket:
+    """One request's facts, filled in by the relay; becomes a usage record at the end."""
+
+    __slots__ = (
+        "member",
+        "started",
+        "request_id",
+        "session",
+        "endpoint",
+        "channel",
+        "key_id",
+        "model",
+        "upstream_model",
+        "stream",
+        "status",
+        "error_type",
+        "outcome",
+        "attempts",
+        "ttfb",
+        "meter",
+        "prices",
+        "admitted",
+    )
+
+    def __init__(self, member: Member, started: float, session: str | None, endpoint: str) -> None:
+        self.member = member
+        self.started = started
+        self.request_id = f"{_ID_PREFIX}{next(_ids):08x}"
+        self.session = session
+        self.endpoint = endpoint
+        self.channel: str | None = None
+        self.key_id: str | None = None
+        self.model: str | None = None
+        self.upstream_model: str | None = None
+        self.stream = False
+        self.status = 0
+        self.error_type: str | None = None
+        self.outcome = "complete"
+        self.attempts = 0
+        self.ttfb: float | None = None
+        self.meter: UsageMeter | None = None
+        self.prices: tuple[PriceTable, ...] = ()
+        self.admitted = False
+
+
+def _budget_totals(conn: sqlite3.Connection, day: str) -> dict[str, tuple[int, float, int, float]]:
+    tokens = "input_tokens + output_tokens + cache_write_5m + cache_write_1h + cache_read"
+    rows = conn.execute(
+        f"SELECT member, sum(CASE WHEN day = ? THEN {tokens} ELSE 0 END), "
+        "sum(CASE WHEN day = ? THEN cost_usd ELSE 0 END), "
+        f"sum({tokens}), sum(cost_usd) FROM usage_daily WHERE day >= ? AND day <= ? GROUP BY member",
+        (day, day, day[:7] + "-01", day),
+    ).fetchall()
+    return {
+        row[0]: (int(row[1] or 0), float(row[2] or 0), int(row[3] or 0), float(row[4] or 0)) for row in rows
+    }
+
+
+class Team:
+    def __init__(
+        self,
+        access_keys: AccessKeys,
+        data_dir: str | None,
+        *,
+        allow_shared: bool = True,
+        record_usage: bool = True,
+        retention_days: int = 90,
+        clock: Callable[[], float] = time.time,
+        flush_interval: float = 0.5,
+    ) -> None:
+        self.access_keys = access_keys
+        self.db = Database(path_in(data_dir)) if data_dir else None
+        self.allow_shared = allow_shared
+        self.record_usage = record_usage
+        self.clock = clock
+        self.index = MemberIndex()
+        self.limiter = Limiter(clock)
+        self.recorder = Recorder(self.db if record_usage else None, flush_interval, retention_days)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the database and load members and budgets; a database that cannot be
+        opened is logged and the gateway runs on (shared keys only, usage not kept)."""
+        if self.db is None:
+            return
+        try:
+            await self.db.open()
+            await self.refresh(force=True)
+            totals = await self.db.run(lambda conn: _budget_totals(conn, utc_day(self.clock())))
+            self.limiter.load(totals, self.clock())
+        except (DatabaseError, sqlite3.Error, OSError) as exc:
+            log.error("team database unavailable, running with the shared keys only: %s", exc)
+            return
+        log.info(
+            "team database %s: %d member(s)%s",
+            self.db.path,
+            len(self.index),
+            "" if self.record_usage else "; usage recording off (USAGE_RECORDING=false)",
+        )
+        self._tasks = [
+            asyncio.get_running_loop().create_task(self._poll()),
+            asyncio.get_running_loop().create_task(self.recorder.run()),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await self.recorder.flush()
+        if self.db is not None:
+            await asyncio.to_thread(self.db.close)
+
+    async def refresh(self, force: bool = False) -> bool:
+        """Reload the member index if the table changed; whether it did."""
+        db = self.db
+        if db is None or not db.is_open:
+            return False
+        if not force and await db.run(members_version) == self.index.version:
+            return False
+        version, by_hash = await db.run(load_all)
+        self.index = MemberIndex(version, by_hash)
+        return True
+
+    async def _poll(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            try:
+                await self.refresh()
+            except Exception as exc:  # keep the last index: requests go on
+                if not failing:
+                    log.error("reading members failed (the last list stays in use): %s", exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("reading members works again")
+                failing = False
+
+    # -- per request -----------------------------------------------------------------------
+
+    def authenticate(self, headers: Mapping[str, str]) -> Member:
+        key = client_key(headers)
+        if key is None:
+            raise AuthenticationFailed(self.access_keys.missing_message)
+        if len(self.index):
+            member = self.index.lookup(key)
+            if member is not None:
+                if not member.active:
+                    raise AuthenticationFailed(
+                        f"the key of member {member.name!r} is {member.status}; "
+                        "ask the gateway's operator for a new one"
+                    )
+                return member
+        if not self.access_keys.matches(key):
+            raise AuthenticationFailed(self.access_keys.wrong_message)
+        if not self.allow_shared and len(self.index):
+            raise AuthenticationFailed(
+                "the shared PROXY_ACCESS_KEY is turned off on this gateway (ALLOW_SHARED_KEY=false); "
+                "use your own member key (ask the gateway's operator for one)"
+            )
+        return SHARED_MEMBER
+
+    def admit(self, ticket: Ticket) -> None:
+        """The member's limits let the request in (or raise); every ticket then goes to
+        :meth:`finish`, admitted or not (a refusal is recorded too)."""
+        self.limiter.admit(ticket.member)
+        ticket.admitted = True
+
+    def finish(self, ticket: Ticket) -> None:
+        member = ticket.member
+        if ticket.admitted:
+            self.limiter.release(member)
+        now = self.clock()
+        usage = ticket.meter.usage if ticket.meter is not None else Usage()
+        cost = None
+        model = ticket.upstream_model or ticket.model
+        if model and ticket.prices:
+            for table in ticket.prices:
+                price = table.lookup(usage.model or model) or table.lookup(model)
+                if price is not None:
+                    cost = price.cost(usage)
+                    break
+        tokens = usage.total
+        if tokens or cost:
+            self.limiter.spend(member.name, tokens, cost, now)
+        if not self.record_usage:
+            return
+        outcome = ticket.outcome
+        if outcome == "complete" and ticket.meter is not None:
+            outcome = ticket.meter.outcome
+        self.recorder.add(
+            Record(
+                now,
+                ticket.request_id,
+                member.name,
+                ticket.session,
+                ticket.endpoint,
+                ticket.channel,
+                _mask(ticket.key_id) if ticket.key_id else None,
+                ticket.model,
+                ticket.upstream_model,
+                1 if ticket.stream else 0,
+                ticket.status or CLIENT_CLOSED,
+                ticket.error_type,
+                outcome,
+                ticket.attempts,
+                None if ticket.ttfb is None else round(ticket.ttfb * 1000, 3),
+                round((now - ticket.started) * 1000, 3),
+                usage.input_tokens,
+                usage.output_tokens,
+                usage.cache_write_5m,
+                usage.cache_write_1h,
+                usage.cache_read,
+                cost,
+            )
+        )
+
+    def member_view(self, member: Member) -> dict[str, Any]:
+        """A member with today's and this month's spend and requests in flight."""
+        spent = self.limiter.spent(member.name)
+        return {
+            **member.view(),
+            "today": {"tokens": spent.day_tokens, "usd": round(spent.day_usd, 6)},
+            "month": {"tokens": spent.month_tokens, "usd": round(spent.month_usd, 6)},
+            "active": self.limiter.active(member.name),
+        }
+
+    @property
+    def shared_name(self) -> str:
+        return SHARED
