@@ -580,3 +580,11 @@ async def test_database_unavailable_is_503(
     # The gateway itself runs on with the shared key.
     resp = await client.get("/v1/models", headers=AUTH)
     assert resp.status == 200
+
+
+async def test_the_admin_key_never_serves_v1(team: Any) -> None:
+    await _add(team, "alice")  # with members and without, the admin key is not a client key
+    for path, method in (("/v1/messages", "POST"), ("/v1/models", "GET"), ("/api/me/usage", "GET")):
+        resp = await team.request(method, path, data=message_body(), headers=ADMIN)
+        assert resp.status == 401, path
+        assert_anthropic_error(401, await resp.read(), "authentication_error")

@@ -150,6 +150,8 @@ class Team:
         self.limiter = Limiter(clock)
         self.recorder = Recorder(self.db if record_usage else None, flush_interval, retention_days)
         self._tasks: list[asyncio.Task[None]] = []
+        # Called with every request's Record when it ends (on the loop): ccx_proxy.ops.
+        self.observers: list[Callable[[Record], None]] = []
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -261,37 +263,40 @@ class Team:
         tokens = usage.total
         if tokens or cost:
             self.limiter.spend(member.name, tokens, cost, now)
-        if not self.record_usage:
+        observers = self.observers
+        if not self.record_usage and not observers:
             return
         outcome = ticket.outcome
         if outcome == "complete" and ticket.meter is not None:
             outcome = ticket.meter.outcome
-        self.recorder.add(
-            Record(
-                now,
-                ticket.request_id,
-                member.name,
-                ticket.session,
-                ticket.endpoint,
-                ticket.channel,
-                _mask(ticket.key_id) if ticket.key_id else None,
-                ticket.model,
-                ticket.upstream_model,
-                1 if ticket.stream else 0,
-                ticket.status or CLIENT_CLOSED,
-                ticket.error_type,
-                outcome,
-                ticket.attempts,
-                None if ticket.ttfb is None else round(ticket.ttfb * 1000, 3),
-                round((now - ticket.started) * 1000, 3),
-                usage.input_tokens,
-                usage.output_tokens,
-                usage.cache_write_5m,
-                usage.cache_write_1h,
-                usage.cache_read,
-                cost,
-            )
+        record = Record(
+            now,
+            ticket.request_id,
+            member.name,
+            ticket.session,
+            ticket.endpoint,
+            ticket.channel,
+            _mask(ticket.key_id) if ticket.key_id else None,
+            ticket.model,
+            ticket.upstream_model,
+            1 if ticket.stream else 0,
+            ticket.status or CLIENT_CLOSED,
+            ticket.error_type,
+            outcome,
+            ticket.attempts,
+            None if ticket.ttfb is None else round(ticket.ttfb * 1000, 3),
+            round((now - ticket.started) * 1000, 3),
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cache_write_5m,
+            usage.cache_write_1h,
+            usage.cache_read,
+            cost,
         )
+        if self.record_usage:
+            self.recorder.add(record)
+        for observe in observers:  # metrics, access log: cheap, never raise (ccx_proxy.ops)
+            observe(record)
 
     def member_view(self, member: Member) -> dict[str, Any]:
         """A member with today's and this month's spend and requests in flight."""
