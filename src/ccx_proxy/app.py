@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from . import __version__, relay
+from . import __version__, ops, relay
 from .admin.api import setup_admin
 from .config import GatewayConfig
 from .errors import (
@@ -23,6 +23,7 @@ from .errors import (
     render,
 )
 from .health import Clock
+from .ops.accesslog import access_middleware
 from .reload import ConfigWatcher
 from .settings import Settings
 from .state import GATEWAY, Gateway
@@ -132,7 +133,9 @@ async def get_model(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings, config: GatewayConfig, clock: Clock | None = None) -> web.Application:
     gateway = Gateway(settings, config, clock)
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[access_middleware, error_middleware], client_max_size=settings.max_body_bytes
+    )
     app[GATEWAY] = gateway
     source = config.source
     watcher = ConfigWatcher(gateway, source, settings.watch_interval) if source else None
@@ -155,6 +158,7 @@ def create_app(settings: Settings, config: GatewayConfig, clock: Clock | None = 
     setup_admin(
         app, gateway, ChannelStore(source or settings.channels_file, backups=settings.config_backups), watcher
     )
+    ops.setup(app, gateway)
     app.router.add_post("/v1/messages", relay.messages)
     app.router.add_post("/v1/messages/count_tokens", relay.count_tokens)
     app.router.add_get("/v1/models", list_models)

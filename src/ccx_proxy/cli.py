@@ -22,6 +22,9 @@ from .app import WATCHER, create_app
 from .config import Channel, ConfigError, GatewayConfig, load_config
 from .headers import mask_secret
 from .mock_upstream import DEFAULT_KEY, DEFAULT_PORT, MockUpstream
+from .ops import doctor, drain, systemd
+from .ops.accesslog import JsonFormatter
+from .reload import ConfigWatcher
 from .server import install, server_kwargs
 from .settings import Settings, SettingsError
 from .state import GATEWAY
@@ -107,6 +110,10 @@ def _parser() -> argparse.ArgumentParser:
         bench, {"prompt": "the user message sent both ways", "max_tokens": "max_tokens per request"}
     )
     team_cli.add_commands(command)
+    doctor_parser = command(
+        "doctor", "check the environment, config, port and channels; print the fixes", doctor.EPILOG
+    )
+    doctor.add_arguments(doctor_parser)
     return parser
 
 
@@ -134,11 +141,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=os.environ.get("LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if os.environ.get("LOG_FORMAT", "").strip().lower() == "json":  # one JSON object per line
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     redact.install()  # every log record, aiohttp's included, has its secrets masked
     if args.command == "check-config":
         return check_config(args.config)
     if args.command == "bench":
         return benchmark.main(args)
+    if args.command == "doctor":
+        return doctor.main(args)
     if args.command in ("members", "usage"):
         return team_cli.main(args)
     if args.command == "mock-upstream":
@@ -182,7 +194,8 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     try:
         workers = worker_count(args.workers, os.environ)
-    except WorkersError as exc:
+        drain.drain_timeout(os.environ)  # checked here: one clear error before anything starts
+    except (WorkersError, ValueError) as exc:
         print(f"ccx-proxy: {exc}", file=sys.stderr)
         return 2
     if workers > 1:
@@ -281,17 +294,24 @@ async def _serve_apps(
     banner: tuple[Settings, bool] | None,
     reuse_port: bool = False,
 ) -> int:
+    # systemd's NOTIFY_SOCKET, or the pipe to the supervisor of serve --workers N, or None.
+    notifier = systemd.for_process(os.environ)
+    watchdog: systemd.Watchdog | None = None
     runners = []
     try:
         for app, host, port, option in apps:
             gateway = app.get(GATEWAY)
             if gateway is not None:  # the gateway: its client-side limits (ccx_proxy.server)
-                runner = web.AppRunner(app, access_log=None, **server_kwargs(gateway.settings))
+                runner = web.AppRunner(
+                    app, access_log=None, shutdown_timeout=drain.GRACE, **server_kwargs(gateway.settings)
+                )
                 await runner.setup()
                 assert runner.server is not None
                 install(runner.server, gateway.settings)
             else:
-                runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+                runner = web.AppRunner(
+                    app, access_log=None, handler_cancellation=True, shutdown_timeout=drain.GRACE
+                )
                 await runner.setup()
             runners.append(runner)
             try:
@@ -311,19 +331,52 @@ async def _serve_apps(
         # the process: keep it out of the cycle collector's full passes, which otherwise
         # walk it again and again under load (objects still free on refcount as usual).
         gc.freeze()
-        stop = asyncio.Event()
+        stop, hurry = asyncio.Event(), asyncio.Event()  # hurry: a second Ctrl-C ends the drain now
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, _on_stop_signal, sig, stop, hurry)
         watchers = [listen.app[WATCHER] for listen in apps if WATCHER in listen.app]
-        if watchers:  # SIGHUP: re-read the channels file now
-            loop.add_signal_handler(signal.SIGHUP, lambda: [w.reload("SIGHUP") for w in watchers])
+        if watchers or notifier is not None:  # SIGHUP: re-read the channels file now
+            loop.add_signal_handler(signal.SIGHUP, _reload, watchers, notifier)
+        if notifier is not None:
+            bound = runners[0].addresses[0]  # the real port, for --port 0 too
+            notifier.ready(f"listening on {apps[0].host}:{bound[1]}")
+            if notifier.interval is not None:
+                watchdog = systemd.Watchdog(loop, notifier.interval, notifier.ping).start()
         await stop.wait()
         log.info("shutting down")
+        if notifier is not None:
+            notifier.stopping()
+        await drain.drain(runners, hurry)
         return 0
     finally:
-        for runner in reversed(runners):
+        # The gateway first: in-process upstreams (--with-mock-upstream) serve it to the end.
+        for runner in runners:
             await runner.cleanup()
+        if watchdog is not None:
+            watchdog.stop()
+
+
+def _on_stop_signal(sig: signal.Signals, stop: asyncio.Event, hurry: asyncio.Event) -> None:
+    """The first SIGTERM / SIGINT starts the drain; a second SIGINT (Ctrl-C) ends it now.  A
+    second SIGTERM does not: a supervisor may deliver one twice (systemd's KillMode=
+    control-group signals the workers as well as the parent, which forwards it)."""
+    if not stop.is_set():
+        stop.set()
+    elif sig == signal.SIGINT:
+        hurry.set()
+    else:
+        log.info("SIGTERM again: still draining (SIGINT ends the drain now)")
+
+
+def _reload(watchers: list[ConfigWatcher], notifier: systemd.Notifier | None) -> None:
+    """SIGHUP: re-read the channels file (RELOADING=1 ... READY=1 around it under systemd)."""
+    if notifier is not None:
+        notifier.reloading()
+    for watcher in watchers:
+        watcher.reload("SIGHUP")
+    if notifier is not None:
+        notifier.reloaded()
 
 
 def _run(main_coro: object) -> int:

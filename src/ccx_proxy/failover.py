@@ -27,6 +27,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import orjson
 from multidict import CIMultiDict
@@ -132,6 +133,7 @@ class _Request:
         "deadline",
         "budget",
         "attempts",
+        "trace",
         "_outcome",
     )
 
@@ -145,6 +147,7 @@ class _Request:
         client_headers: list[tuple[bytes, bytes]],
         query: bytes,
         count_tokens: bool,
+        trace: list[AttemptTrace] | None = None,
     ) -> None:
         self.client = client
         self.registry = registry
@@ -159,6 +162,7 @@ class _Request:
         self.deadline = self.started + policy.failoverDeadlineMs / 1000
         self.budget = policy.maxAttempts or 1 << 30
         self.attempts = 0
+        self.trace = trace  # one AttemptTrace per attempt when tracing is on (ccx_proxy.ops.tracing)
         self._outcome: Outcome | None = None  # made on the first failure: none on the happy path
 
     @property
@@ -185,8 +189,9 @@ async def connect(
     client_headers: list[tuple[bytes, bytes]],
     query: bytes,
     count_tokens: bool,
+    trace: list[AttemptTrace] | None = None,
 ) -> Connected | Outcome:
-    req = _Request(client, registry, policy, body, model, client_headers, query, count_tokens)
+    req = _Request(client, registry, policy, body, model, client_headers, query, count_tokens, trace)
     held: list[_Held] = []
     for candidate in candidates:
         channel = candidate.channel
@@ -218,7 +223,7 @@ async def connect(
                     held.append(_Held(health.usable_at(now), candidate, urls, index))
                     next_channel = True
                     break
-                result = await _attempt(req, candidate, urls, index, attempt)
+                result = await _traced(req, candidate, urls, index, attempt)
                 if isinstance(result, Connected):
                     return result
                 if result is Next.CHANNEL:
@@ -251,7 +256,7 @@ async def connect(
             attempt.acquire(now, panic=True)
             log.info("nothing answered for %r and the rest is held back: trying %r", model.name, channel.name)
             outcome.tried.append(f"held back: tried {channel.name} anyway")
-            result = await _attempt(req, soonest.candidate, soonest.urls, soonest.index, attempt)
+            result = await _traced(req, soonest.candidate, soonest.urls, soonest.index, attempt)
             if isinstance(result, Connected):
                 return result
         # When the soonest held-back candidate frees up, as it stands now (a failed panic
@@ -302,6 +307,47 @@ def _hold_channel(held: list[_Held], candidate: Candidate, health: ChannelHealth
             best = (at, index)
     if best is not None:
         held.append(_Held(best[0], candidate, channel.all_urls[0], best[1]))
+
+
+class AttemptTrace(NamedTuple):
+    """One upstream attempt, for a tracing span: times on the loop's clock."""
+
+    channel: str
+    host: str
+    model: str
+    started: float
+    ended: float
+    status: int  # 0: no HTTP answer
+    error: str | None  # what went wrong (keys masked), None for a success
+
+
+async def _traced(
+    req: _Request, candidate: Candidate, urls: Endpoints, index: int, attempt: Attempt
+) -> Connected | Next:
+    if req.trace is None:  # tracing off: one attribute check
+        return await _attempt(req, candidate, urls, index, attempt)
+    started = req.loop.time()
+    tried = len(req.outcome.tried)
+    result = await _attempt(req, candidate, urls, index, attempt)
+    endpoint = urls.count_tokens if req.count_tokens else urls.messages
+    if isinstance(result, Connected):
+        status, error = result.response.status, None
+    else:
+        outcome = req.outcome
+        error = outcome.tried[-1] if len(outcome.tried) > tried else result.value
+        status = outcome.last.status if outcome.last is not None and "upstream " in error else 0
+    req.trace.append(
+        AttemptTrace(
+            candidate.channel.name,
+            endpoint.origin.host,
+            candidate.model,
+            started,
+            req.loop.time(),
+            status,
+            error,
+        )
+    )
+    return result
 
 
 async def _attempt(

@@ -27,6 +27,7 @@ from .errors import (
 )
 from .failover import KEY_REJECTED, Connected, connect, exhausted, refuses_client
 from .headers import client_response_headers, forwarded_raw, scrub_head
+from .ops.accesslog import REQUEST_ID, REQUEST_ID_HEADER, TICKET, new_request_id
 from .routing import prefer
 from .state import GATEWAY, Gateway
 from .stream import relay_sse
@@ -118,7 +119,11 @@ async def _forward(request: web.Request, *, count_tokens: bool) -> web.StreamRes
         team.clock(),
         session_id[:256] if session_id else None,
         "count_tokens" if count_tokens else "messages",
+        request.get(REQUEST_ID) or new_request_id(),
     )
+    request[TICKET] = ticket  # for the access log line
+    if team.tracer is not None:
+        ticket.trace = []
     gateway.streams += 1
     try:
         team.admit(ticket)
@@ -180,6 +185,7 @@ async def _relay(
         forwarded_raw(request.raw_headers, request.headers.get("connection")),
         query,
         count_tokens,
+        ticket.trace,
     )
     if session is not None and isinstance(result, Connected):
         gateway.affinity.remember(session, result.attempt.channel.name, gateway.health.clock(), body)
@@ -212,13 +218,14 @@ async def _relay(
     if channel.prices or config_prices:
         ticket.prices = (channel.prices, config_prices)
     meter = None
-    if upstream.status < 300 and (gateway.team.record_usage or member.limited):
+    if upstream.status < 300 and (gateway.team.record_usage or member.limited or gateway.team.observers):
         meter = ticket.meter = UsageMeter()
     headers = client_response_headers(upstream.headers)
     reason = upstream.reason
     if upstream.status >= 300:  # an upstream may echo its key: masked (the 2xx path pays nothing)
         reason = scrub_head(headers, reason, channel.secrets)
     headers[CHANNEL_HEADER] = channel.name
+    headers[REQUEST_ID_HEADER] = ticket.request_id  # a stream's headers go out in the relay
 
     finished = False
     try:

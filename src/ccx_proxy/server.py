@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -183,6 +184,28 @@ class _GatewayServer(web.Server):
                 handler.head_late(since_before, self.head_timeout)
         if self._connections:
             self.watch()
+
+
+RequestHandlerFunc = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def requests_in_progress(server: web.Server) -> int:
+    """Requests whose handler runs or whose response is still being written (not idle
+    keep-alive connections): what a drain waits for."""
+    return sum(1 for handler in server.connections if handler._request_in_progress)
+
+
+def divert_requests(server: web.Server, wrap: Callable[[RequestHandlerFunc], RequestHandlerFunc]) -> None:
+    """From now on, every request that starts -- on a new connection or on one already open,
+    pipelined ones included -- goes to ``wrap(app handler)``; requests under way keep theirs.
+
+    The drain's 503s (:mod:`ccx_proxy.ops.drain`) cost nothing before a drain: no middleware
+    looks at every request for a flag."""
+    handler = wrap(server.request_handler)
+    server.request_handler = handler  # connections made from now on
+    for connection in server.connections:
+        if connection._request_handler is not None:  # None: the connection is already lost
+            connection._request_handler = handler
 
 
 def install(server: web.Server, settings: Settings) -> None:

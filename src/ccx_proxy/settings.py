@@ -42,6 +42,8 @@ class Settings:
     allow_shared_key: bool = True  # PROXY_ACCESS_KEY still works once members exist
     usage_recording: bool = True
     usage_retention_days: int = 90
+    access_log: bool = True  # one line per request (ccx_proxy.ops.accesslog); ACCESS_LOG=off
+    log_format: str = "text"  # LOG_FORMAT: text | json
 
     @classmethod
     def from_env(
@@ -89,7 +91,12 @@ class Settings:
         retention = _non_negative_int(env, "USAGE_RETENTION_DAYS", 90)
         if retention < 1:
             raise SettingsError("USAGE_RETENTION_DAYS must be at least 1")
+        log_format = env.get("LOG_FORMAT", "").strip().lower() or "text"
+        if log_format not in ("text", "json"):
+            raise SettingsError(f"LOG_FORMAT must be text or json, not {log_format!r}")
         return cls(
+            access_log=_flag(env, "ACCESS_LOG", True),
+            log_format=log_format,
             data_dir=env.get("DATA_DIR", "").strip() or DEFAULT_DATA_DIR,
             allow_shared_key=_flag(env, "ALLOW_SHARED_KEY", True),
             usage_recording=_flag(env, "USAGE_RECORDING", True),

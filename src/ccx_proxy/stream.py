@@ -5,7 +5,8 @@ Chunks are written as they come, untouched.  The only bytes the gateway adds:
 an SSE comment (``: keepalive``) after ``keepaliveMs`` of upstream silence, and
 only at an event boundary; and a final ``event: error`` when the upstream
 stalls past ``streamInactivityTimeoutMs``, breaks off, or ends before
-``message_stop``.  Compressed streams are relayed without either: their bytes
+``message_stop``, or when the gateway's drain deadline ends it (``overloaded_error``,
+:mod:`ccx_proxy.ops.drain`).  Compressed streams are relayed without either: their bytes
 cannot be inspected or extended.
 """
 
@@ -21,6 +22,7 @@ from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 
 from .errors import sse_error_event
+from .ops.drain import DRAIN, SHUTTING_DOWN
 from .policy import Timeouts
 from .server import STALLED_CLIENTS
 from .team.meter import USAGE_MARK, UsageMeter
@@ -40,6 +42,7 @@ _UNTIMED_WRITE = 16 * 1024
 # an orphaned socket holding the unsent send queue (megabytes) for as long as the stalled
 # client keeps its window shut; a reset frees it at once (nginx: reset_timedout_connection).
 _RESET = struct.pack("ii", 1, 0)
+_SHUTDOWN_EVENT = sse_error_event("overloaded_error", SHUTTING_DOWN)  # the drain deadline's
 
 
 def _at_boundary(tail: bytes) -> bool:
@@ -172,6 +175,10 @@ async def relay_sse(
     read = upstream.readany
     tail = b""
     failure: str | None = None
+    shutdown = False
+    drain = request.app.get(DRAIN)
+    if drain is not None:  # at the drain deadline the drain closes the upstream: see below
+        drain.track(upstream)
     try:
         while True:
             if keepalive is None and use_keepalive and not upstream.ready:
@@ -186,6 +193,9 @@ async def relay_sse(
                     # message_stop (or an error event) was already relayed: the stream is
                     # complete whatever happened to the connection afterwards.
                     upstream.close()
+                    break
+                if drain is not None and drain.cut:  # the drain closed it: not the upstream's fault
+                    failure, shutdown = SHUTTING_DOWN, True
                     break
                 stalled = isinstance(exc, TimeoutError)
                 failure = (
@@ -222,19 +232,27 @@ async def relay_sse(
     finally:
         if keepalive is not None:
             keepalive.close()
+        if drain is not None:
+            drain.streams.discard(upstream)
     if failure is not None:
         upstream.close()
-        attempt.broke_off()
-        if meter is not None:
-            meter.outcome = "stalled" if "stalled" in failure else "upstream_cut"
-        log.warning("%s", failure)
+        if shutdown:
+            event = _SHUTDOWN_EVENT
+            if meter is not None:
+                meter.outcome = "shutdown"
+        else:
+            event = sse_error_event("api_error", failure + "; the response is incomplete")
+            attempt.broke_off()
+            if meter is not None:
+                meter.outcome = "stalled" if "stalled" in failure else "upstream_cut"
+            log.warning("%s", failure)
         if encoded:  # nothing can be appended to compressed bytes: cut the connection instead
             if request.transport is not None:
                 request.transport.close()
             return response
         if not inspect or _at_boundary(tail):
-            await write(sse_error_event("api_error", failure + "; the response is incomplete"))
+            await write(event)
         else:  # end the half-written event first, so the error event parses on its own
-            await write(b"\n\n" + sse_error_event("api_error", failure + "; the response is incomplete"))
+            await write(b"\n\n" + event)
     await write(b"", eof=True)
     return response

@@ -45,7 +45,7 @@ class Record(NamedTuple):
     stream: int  # 0 | 1
     status: int
     error_type: str | None
-    outcome: str  # complete | error | client_left | upstream_cut | stalled
+    outcome: str  # complete | error | client_left | upstream_cut | stalled | shutdown
     attempts: int
     ttfb_ms: float | None
     duration_ms: float

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
@@ -34,10 +32,6 @@ from .recorder import Record, Recorder
 log = logging.getLogger("ccx_proxy.team")
 
 POLL_INTERVAL = 0.5
-# Request ids: 8 random hex digits per process, then a counter (unique across workers and
-# restarts without a system call per request).
-_ID_PREFIX = os.urandom(4).hex()
-_ids = itertools.count(1)
 _MASKS: dict[str, str] = {}  # upstream key -> its mask (bounded: cleared when large)
 CLIENT_CLOSED = 499  # the status recorded when the client left before any answer (nginx's)
 
@@ -93,12 +87,15 @@ class Ticket:
         "meter",
         "prices",
         "admitted",
+        "trace",
     )
 
-    def __init__(self, member: Member, started: float, session: str | None, endpoint: str) -> None:
+    def __init__(
+        self, member: Member, started: float, session: str | None, endpoint: str, request_id: str
+    ) -> None:
         self.member = member
         self.started = started
-        self.request_id = f"{_ID_PREFIX}{next(_ids):08x}"
+        self.request_id = request_id
         self.session = session
         self.endpoint = endpoint
         self.channel: str | None = None
@@ -114,6 +111,7 @@ class Ticket:
         self.meter: UsageMeter | None = None
         self.prices: tuple[PriceTable, ...] = ()
         self.admitted = False
+        self.trace: list[Any] | None = None  # failover.AttemptTrace per attempt, when tracing
 
 
 def _budget_totals(conn: sqlite3.Connection, day: str) -> dict[str, tuple[int, float, int, float]]:
@@ -152,6 +150,9 @@ class Team:
         self._tasks: list[asyncio.Task[None]] = []
         # Called with every request's Record when it ends (on the loop): ccx_proxy.ops.
         self.observers: list[Callable[[Record], None]] = []
+        # Tracing (ccx_proxy.ops.tracing): tickets then collect their attempts, and this gets
+        # the record with the ticket.  None: off, at no cost.
+        self.tracer: Callable[[Record, Ticket], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -264,7 +265,7 @@ class Team:
         if tokens or cost:
             self.limiter.spend(member.name, tokens, cost, now)
         observers = self.observers
-        if not self.record_usage and not observers:
+        if not self.record_usage and not observers and self.tracer is None:
             return
         outcome = ticket.outcome
         if outcome == "complete" and ticket.meter is not None:
@@ -297,6 +298,8 @@ class Team:
             self.recorder.add(record)
         for observe in observers:  # metrics, access log: cheap, never raise (ccx_proxy.ops)
             observe(record)
+        if self.tracer is not None:
+            self.tracer(record, ticket)
 
     def member_view(self, member: Member) -> dict[str, Any]:
         """A member with today's and this month's spend and requests in flight."""

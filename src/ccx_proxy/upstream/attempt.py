@@ -6,6 +6,9 @@ and the key's breaker passes (:meth:`acquire`) and settles them exactly once --
 :meth:`release` when the attempt ended without telling anything about the upstream
 (the client left).  After headers went out, :meth:`broke_off` records a stream
 that failed midway.
+
+Every verdict also adds one to :data:`COUNTS` (attempts by channel and outcome), which
+:mod:`ccx_proxy.ops.metrics` reads when it is scraped: a list index, no metrics call here.
 """
 
 from __future__ import annotations
@@ -14,6 +17,19 @@ from enum import Enum
 
 from ..config import Channel
 from ..health import ChannelHealth, HealthRegistry, KeyHealth
+
+OUTCOMES = ("success", "failed", "overloaded", "rate_limited", "rejected")
+SUCCESS, FAILED, OVERLOADED, RATE_LIMITED, REJECTED = range(len(OUTCOMES))
+# channel name -> attempts per outcome (indexed as OUTCOMES).  Names come from the channels
+# file, so the table stays as small as the set of channel names this process has seen.
+COUNTS: dict[str, list[int]] = {}
+
+
+def _counts(channel: str) -> list[int]:
+    counts = COUNTS.get(channel)
+    if counts is None:
+        counts = COUNTS[channel] = [0] * len(OUTCOMES)
+    return counts
 
 
 class Next(Enum):
@@ -61,6 +77,7 @@ class Attempt:
 
     def succeeded(self, ttfb: float) -> None:
         """Response headers arrived with a status the client gets: the upstream is alive."""
+        _counts(self.channel.name)[SUCCESS] += 1
         health = self.health
         health.breaker.success()
         self.key.breaker.success()
@@ -75,6 +92,10 @@ class Attempt:
 
     def failed(self, message: str) -> None:
         """The upstream failed (connection, timeout, invalid response, 5xx)."""
+        _counts(self.channel.name)[FAILED] += 1
+        self._failed(message)
+
+    def _failed(self, message: str) -> None:
         now = self._registry.clock()
         self.health.breaker.failure(now)
         self.key.breaker.failure(now)
@@ -83,11 +104,13 @@ class Attempt:
 
     def overloaded(self, seconds: float, message: str) -> None:
         """529: the channel backs off for ``seconds``."""
-        self.failed(message)
+        _counts(self.channel.name)[OVERLOADED] += 1
+        self._failed(message)
         self.health.backoff_until = self._registry.clock() + seconds
 
     def rate_limited(self, seconds: float, message: str) -> None:
         """429: this key cools down for this model only (Anthropic limits per model)."""
+        _counts(self.channel.name)[RATE_LIMITED] += 1
         self.key.cool_down(self.model, self._registry.clock() + seconds)
         self.key.last_error = message
         self.health.last_error = message
@@ -95,6 +118,7 @@ class Attempt:
 
     def rejected(self, message: str) -> None:
         """401/402/403: the key is out of rotation until the next reload."""
+        _counts(self.channel.name)[REJECTED] += 1
         self.key.disabled = True
         self.key.last_error = message
         self.health.last_error = message

@@ -1,12 +1,13 @@
 // ccx-proxy admin console: plain ES modules, no dependencies, no build step.
-// This one: sign-in, the page switcher (Messages, Members, Usage) and the Messages page,
+// This one: sign-in, the page switcher (Overview, Messages, Members, Usage) and the Messages page,
 // which talks to the admin API under /api/messages/ with the admin key (kept in sessionStorage).
-// members.js and usage.js are the team pages; core.js what they all share.
+// members.js and usage.js are the team pages, overview.js the live numbers; core.js what they all share.
 
 import {
   $, GATEWAY_ROOT, announce, code, confirmAction, copyText, esc, lines, nextId, request, session, truncate,
 } from "./core.js";
 import * as members from "./members.js";
+import * as overview from "./overview.js";
 import * as usage from "./usage.js";
 
 const KEY_STORAGE = "ccx-admin-key";
@@ -124,6 +125,7 @@ function testModel(channel) {
 // ---------------------------------------------------------- pages
 
 const PAGES = {
+  overview: { label: "Overview", view: "overview-view", title: "overview-title", show: overview.show },
   messages: { label: "Messages", view: "messages-view", title: "messages-title", show: () => loadChannels() },
   members: { label: "Members", view: "members-view", title: "members-title", show: members.show },
   usage: { label: "Usage", view: "usage-view", title: "usage-title", show: usage.show },
@@ -945,6 +947,7 @@ function init() {
   });
   members.init();
   usage.init();
+  overview.init();
 
   const saved = sessionStorage.getItem(KEY_STORAGE);
   if (saved) signIn(saved, true);
