@@ -75,7 +75,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         status = exc.status
         raise
     finally:
-        if request.app.get(ENABLED, False):
+        if request.app.get(ENABLED, False) and log.isEnabledFor(logging.INFO):
             now = time.monotonic()
             if request.get(TICKET) is not None or status < 400 or _REFUSED.allow(now):
                 _emit(request, rid, status, now - started)
@@ -152,14 +152,20 @@ def _emit(request: web.Request, rid: str, status: int, duration: float) -> None:
 
 
 class _Line:
-    """The text form, built only if a handler formats the record."""
+    """The text form, built once (the redactor and the handler both format the record)."""
 
-    __slots__ = ("fields",)
+    __slots__ = ("fields", "_text")
 
     def __init__(self, fields: dict[str, Any]) -> None:
         self.fields = fields
+        self._text: str | None = None
 
     def __str__(self) -> str:
+        if self._text is None:
+            self._text = self._build()
+        return self._text
+
+    def _build(self) -> str:
         f = self.fields
         parts = [f'{f["client"]} {f["request_id"]} "{f["method"]} {_printable(f["path"])}" {f["status"]}']
         if "member" in f:
