@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -13,6 +14,8 @@ from ccx_proxy.state import GATEWAY
 from ccx_proxy.team import members
 from tests.conftest import ACCESS_KEY, AUTH, UPSTREAM_KEY, Reply, channel, make_settings, message_body
 from tests.team.test_meter import STREAM
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -137,3 +140,84 @@ def test_refusals_without_a_member_are_budgeted(caplog: pytest.LogCaptureFixture
     assert allowed == [True] * 3 + [False] * 7
     assert budget.allow(111.0)  # a new window: the count of the last one is logged
     assert "... and 7 more refused requests without a member in the last 10 s (not logged)" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_real_process_writes_one_json_line_per_request(tmp_path: Any) -> None:
+    """``serve`` with LOG_FORMAT=json: every stderr line parses, one access line per request,
+    no configured key anywhere in the output."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    from tests.conftest import unused_port
+
+    port, mock_port = unused_port(), unused_port()
+    key, admin = "json-log-access-key-0123456789", "json-log-admin-key-0123456789"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXY_", "ADMIN_", "OTEL_"))}
+    env.update(
+        PROXY_ACCESS_KEY=key,
+        ADMIN_ACCESS_KEY=admin,
+        LOG_FORMAT="json",
+        DATA_DIR=str(tmp_path / "data"),
+        PORT="",
+    )
+    (tmp_path / "channels.json").write_bytes((REPO / "channels.json").read_bytes())
+    stderr = tmp_path / "stderr.log"
+    with stderr.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ccx_proxy", "serve", "--with-mock-upstream"]
+            + ["--port", str(port), "--mock-port", str(mock_port), "--config", "channels.json"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=env,
+            cwd=str(tmp_path),
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                urllib.request.urlopen(base + "/health", timeout=1).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise AssertionError(stderr.read_text()[-2000:]) from None
+                time.sleep(0.05)
+
+        def post(path: str, api_key: str, model: str = "claude-sonnet-4-5") -> int:
+            body = orjson.dumps(
+                {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+            )
+            request = urllib.request.Request(
+                base + path, data=body, headers={"x-api-key": api_key, "content-type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    response.read()
+                    return int(response.status)
+            except urllib.error.HTTPError as exc:
+                exc.read()
+                return int(exc.code)
+
+        statuses = [
+            post("/v1/messages", key),
+            post("/v1/messages", "wrong-key-0000000000"),
+            post("/v1/v1/messages", key),
+            post("/v1/messages", key, model="claude-opus-4-8"),
+        ]
+        assert statuses[:3] == [200, 401, 400]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    text = stderr.read_text()
+    docs = [orjson.loads(line) for line in text.splitlines() if line.strip()]  # every line is JSON
+    access = [d for d in docs if d["logger"] == "ccx_proxy.access" and d["path"] != "/health"]
+    assert [d["status"] for d in access] == statuses
+    assert [d["path"] for d in access] == ["/v1/messages", "/v1/messages", "/v1/v1/messages", "/v1/messages"]
+    assert access[0]["member"] == "shared" and access[0]["channel"] == "demo-mock"
+    assert all(d["request_id"] and d["time"].endswith("Z") for d in access)
+    assert key not in text and admin not in text and "mock-upstream-key" not in text
