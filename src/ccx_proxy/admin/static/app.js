@@ -4,7 +4,8 @@
 // members.js and usage.js are the team pages, overview.js the live numbers; core.js what they all share.
 
 import {
-  $, GATEWAY_ROOT, announce, code, confirmAction, copyText, esc, lines, nextId, request, session, truncate,
+  $, GATEWAY_ROOT, announce, clearFormErrors, code, confirmAction, copyText, esc, lines, nextId, request,
+  session, truncate,
 } from "./core.js";
 import * as members from "./members.js";
 import * as overview from "./overview.js";
@@ -790,16 +791,7 @@ function problemTarget(field) {
 }
 
 function clearErrors() {
-  const form = $("channel-form");
-  form.querySelectorAll(".field-error.dyn").forEach((p) => p.remove());
-  form.querySelectorAll("[aria-invalid]").forEach((el) => el.removeAttribute("aria-invalid"));
-  form.querySelectorAll("[data-error-id]").forEach((el) => {
-    const ids = (el.getAttribute("aria-describedby") || "").split(" ").filter((id) => id !== el.dataset.errorId);
-    if (ids.length) el.setAttribute("aria-describedby", ids.join(" "));
-    else el.removeAttribute("aria-describedby");
-    delete el.dataset.errorId;
-  });
-  $("form-errors").hidden = true;
+  clearFormErrors($("channel-form"), $("form-errors"));
 }
 
 /** Editing a field that has an error clears that error (the summary goes with the last one). */

@@ -164,3 +164,16 @@ export function splitFieldError(message) {
   const m = /^([A-Za-z]+(?:\.[A-Za-z0-9]+)?): (.*)$/s.exec(message || "");
   return m ? { field: m[1], message: m[2] } : { field: null, message };
 }
+
+/** Remove a form's field errors (and their aria links) and hide its summary box. */
+export function clearFormErrors(form, summary) {
+  form.querySelectorAll(".field-error.dyn").forEach((p) => p.remove());
+  form.querySelectorAll("[aria-invalid]").forEach((el) => el.removeAttribute("aria-invalid"));
+  form.querySelectorAll("[data-error-id]").forEach((el) => {
+    const ids = (el.getAttribute("aria-describedby") || "").split(" ").filter((id) => id !== el.dataset.errorId);
+    if (ids.length) el.setAttribute("aria-describedby", ids.join(" "));
+    else el.removeAttribute("aria-describedby");
+    delete el.dataset.errorId;
+  });
+  summary.hidden = true;
+}

@@ -5,7 +5,7 @@
 
 import {
   $, GATEWAY_ROOT, announce, code, confirmAction, copyText, esc, fmtCompact, fmtInt, fmtUsd, lines, nextId,
-  request, session, splitFieldError, teamApi, timeHtml,
+  clearFormErrors, request, session, splitFieldError, teamApi, timeHtml,
 } from "./core.js";
 
 const REFRESH_MS = 5000;
@@ -302,16 +302,7 @@ function fieldTarget(field) {
 }
 
 function clearErrors() {
-  const form = $("member-form");
-  form.querySelectorAll(".field-error.dyn").forEach((p) => p.remove());
-  form.querySelectorAll("[aria-invalid]").forEach((el) => el.removeAttribute("aria-invalid"));
-  form.querySelectorAll("[data-error-id]").forEach((el) => {
-    const ids = (el.getAttribute("aria-describedby") || "").split(" ").filter((id) => id !== el.dataset.errorId);
-    if (ids.length) el.setAttribute("aria-describedby", ids.join(" "));
-    else el.removeAttribute("aria-describedby");
-    delete el.dataset.errorId;
-  });
-  $("member-errors").hidden = true;
+  clearFormErrors($("member-form"), $("member-errors"));
 }
 
 function showErrors(problems, heading) {
