@@ -51,7 +51,7 @@ test: $(STAMP)
 
 # Re-take the admin console screenshots in docs/ (the browser test, kept images).
 screenshots: $(STAMP)
-	CCX_SCREENSHOT_DIR=docs $(BIN)/python -m pytest -q tests/test_admin_browser.py tests/test_admin_team_browser.py
+	CCX_SCREENSHOT_DIR=docs $(BIN)/python -m pytest -q tests/test_admin_browser.py tests/test_admin_team_browser.py tests/test_admin_overview_browser.py
 
 # Benchmarks: the gateway vs the same upstream direct, side by side (bench/run.py; the
 # README's Performance section).  apt-get installs wrk when missing; the "bench" extra

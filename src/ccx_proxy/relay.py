@@ -213,13 +213,12 @@ async def _relay(
     ttfb = loop.time() - result.started
     attempt.succeeded(ttfb)
     ticket.channel, ticket.upstream_model, ticket.status = channel.name, attempt.model, upstream.status
-    ticket.key_id, ticket.attempts, ticket.ttfb = attempt.api_key, result.attempts, ttfb
+    ticket.api_key, ticket.attempts, ticket.ttfb = attempt.api_key, result.attempts, ttfb
     config_prices = runtime.config.prices
     if channel.prices or config_prices:
         ticket.prices = (channel.prices, config_prices)
-    meter = None
-    if upstream.status < 300 and (gateway.team.record_usage or member.limited or gateway.team.observers):
-        meter = ticket.meter = UsageMeter()
+    # Usage is read from every answer that has any (metrics always count tokens).
+    meter = ticket.meter = UsageMeter() if upstream.status < 300 else None
     headers = client_response_headers(upstream.headers)
     reason = upstream.reason
     if upstream.status >= 300:  # an upstream may echo its key: masked (the 2xx path pays nothing)

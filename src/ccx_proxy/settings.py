@@ -94,12 +94,14 @@ class Settings:
         log_format = env.get("LOG_FORMAT", "").strip().lower() or "text"
         if log_format not in ("text", "json"):
             raise SettingsError(f"LOG_FORMAT must be text or json, not {log_format!r}")
+        for name in ("METRICS_PUBLIC", "METRICS_PER_MEMBER"):  # read by ops.metrics: a typo stops serve
+            flag(env, name, False)
         return cls(
-            access_log=_flag(env, "ACCESS_LOG", True),
+            access_log=flag(env, "ACCESS_LOG", True),
             log_format=log_format,
             data_dir=env.get("DATA_DIR", "").strip() or DEFAULT_DATA_DIR,
-            allow_shared_key=_flag(env, "ALLOW_SHARED_KEY", True),
-            usage_recording=_flag(env, "USAGE_RECORDING", True),
+            allow_shared_key=flag(env, "ALLOW_SHARED_KEY", True),
+            usage_recording=flag(env, "USAGE_RECORDING", True),
             usage_retention_days=retention,
             admin_keys=(admin,) if admin else (),
             config_backups=backups,
@@ -125,7 +127,8 @@ def _non_negative_int(env: Mapping[str, str], name: str, default: int) -> int:
     return int(raw)
 
 
-def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+def flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """A true/false variable; anything else is a :class:`SettingsError` naming it."""
     raw = env.get(name, "").strip().lower()
     if not raw:
         return default

@@ -175,7 +175,7 @@ async def relay_sse(
     read = upstream.readany
     tail = b""
     failure: str | None = None
-    shutdown = False
+    stalled = shutdown = False
     drain = request.app.get(DRAIN)
     if drain is not None:  # at the drain deadline the drain closes the upstream: see below
         drain.track(upstream)
@@ -244,7 +244,7 @@ async def relay_sse(
             event = sse_error_event("api_error", failure + "; the response is incomplete")
             attempt.broke_off()
             if meter is not None:
-                meter.outcome = "stalled" if "stalled" in failure else "upstream_cut"
+                meter.outcome = "stalled" if stalled else "upstream_cut"
             log.warning("%s", failure)
         if encoded:  # nothing can be appended to compressed bytes: cut the connection instead
             if request.transport is not None:

@@ -786,3 +786,10 @@ async def test_serve_with_two_workers_scrapes_the_sum(aiohttp_server: Any, tmp_p
         _, stderr = await asyncio.to_thread(proc.communicate, timeout=20)
     assert proc.returncode == 0, stderr
     assert METRICS_TOKEN not in stderr
+
+
+def test_a_metrics_flag_typo_stops_serve() -> None:
+    from ccx_proxy.settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match="METRICS_PUBLIC must be true or false, not 'ture'"):
+        Settings.from_env({"PROXY_ACCESS_KEY": "k" * 32, "METRICS_PUBLIC": "ture"})

@@ -190,9 +190,9 @@ async def update_member(request: web.Request) -> web.Response:
         return _json_response(team.member_view(await _run(team, lambda conn: members.get(conn, name))))
 
     def change(conn: sqlite3.Connection) -> Member:
-        current = members.get(conn, name)
-        limits = members.parse_limits(body["limits"], base=current.limits) if "limits" in body else None
-        return members.update(conn, name, status=status, limits=limits, models=models, channels=channels)
+        return members.update(
+            conn, name, status=status, models=models, channels=channels, limits_patch=body.get("limits")
+        )
 
     member = await _run(team, change)
     await _refresh(team)

@@ -27,7 +27,7 @@ import orjson
 from aiohttp import web
 
 from ..redact import REDACTOR
-from ..team.service import Ticket
+from ..team.service import CLIENT_CLOSED, Ticket
 
 if TYPE_CHECKING:
     from ..state import Gateway
@@ -38,7 +38,6 @@ REQUEST_ID_HEADER = "x-ccx-request-id"
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("ccx_request_id", str)
 TICKET: web.RequestKey[Ticket] = web.RequestKey("ccx_ticket", Ticket)  # set by the relay
 ENABLED: web.AppKey[bool] = web.AppKey("ccx_access_log", bool)
-CLIENT_CLOSED = 499
 _PATH_LONGEST = 256
 _ROUTES = frozenset({"/v1/messages", "/v1/messages/count_tokens", "/v1/models", "/health", "/"})
 
@@ -141,9 +140,7 @@ def _emit(request: web.Request, rid: str, status: int, duration: float) -> None:
                 "cache_write_1h": usage.cache_write_1h,
                 "cache_read": usage.cache_read,
             }
-            outcome = ticket.meter.outcome if ticket.outcome == "complete" else ticket.outcome
-        else:
-            outcome = ticket.outcome
+        outcome = ticket.final_outcome
         if outcome != "complete":
             fields["outcome"] = outcome
         if ticket.error_type:

@@ -56,6 +56,7 @@ from prometheus_client.utils import floatToGoString
 from ..auth import AccessKeys
 from ..errors import JSON_CONTENT_TYPE, AuthenticationFailed
 from ..headers import client_key, mask_secret
+from ..settings import flag
 from ..team.recorder import Record
 from ..upstream import attempt
 
@@ -84,7 +85,7 @@ GAUGE_MODES = {"ccx_active_streams": "livesum"}
 HELP = {
     "ccx_requests": "Requests answered, by channel, upstream model and HTTP status.",
     "ccx_request_outcomes": "Requests by how they ended: complete, error, client_left, upstream_cut, "
-    "stalled.",
+    "stalled, shutdown.",
     "ccx_request_ttfb_seconds": "Time from the request to the upstream's response headers.",
     "ccx_request_duration_seconds": "Time from the request to its last byte.",
     "ccx_upstream_attempts": "Upstream attempts by verdict: success, failed, overloaded, rate_limited, "
@@ -685,11 +686,11 @@ class Exporter:
         value_class: Any = None,
     ) -> None:
         self.gateway = gateway
-        self.public = _flag(env.get("METRICS_PUBLIC", ""))
+        self.public = flag(env, "METRICS_PUBLIC", False)
         tokens = [t for t in (env.get("METRICS_TOKEN", "").strip(),) if t]
         allowed = (*tokens, *gateway.settings.admin_keys)
         self.keys = AccessKeys(allowed, "METRICS_TOKEN") if allowed else None
-        self.meter = Meter(per_member=_flag(env.get("METRICS_PER_MEMBER", "")))
+        self.meter = Meter(per_member=flag(env, "METRICS_PER_MEMBER", False))
         self.live = Live(gateway, watcher)
         self.overview = Overview()
         directory = env.get(MULTIPROC_ENV, "").strip()
@@ -760,10 +761,6 @@ class Exporter:
                 self.publish()
             except Exception:  # pragma: no cover - a disk full: log, keep serving
                 log.exception("metrics: writing to %s failed", self.directory)
-
-
-def _flag(raw: str) -> bool:
-    return raw.strip().lower() in ("1", "true", "yes", "on")
 
 
 EXPORTER: web.AppKey[Exporter] = web.AppKey("ccx_metrics", Exporter)

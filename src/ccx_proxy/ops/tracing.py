@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from ..redact import REDACTOR
 from ..team.recorder import Record
 from ..team.service import Ticket
 
@@ -93,8 +94,8 @@ class Tracer:
             attributes["gen_ai.response.model"] = record.upstream_model
         if record.channel:
             attributes["ccx.channel"] = record.channel
-        if record.session:
-            attributes["gen_ai.conversation.id"] = record.session
+        if record.session:  # client text: through the log redactor, as the access log does
+            attributes["gen_ai.conversation.id"] = REDACTOR.redact(record.session)
         if record.cost_usd is not None:
             attributes["ccx.cost_usd"] = record.cost_usd
         if record.error_type:

@@ -264,18 +264,22 @@ def update(
     limits: Limits | None = None,
     models: Iterable[str] | None = None,
     channels: Iterable[str] | None = None,
+    limits_patch: Any = None,
 ) -> Member:
+    """Change what is given; ``limits_patch`` (JSON, ``null`` clears one) is merged into the
+    stored limits inside the write transaction, so concurrent writers lose nothing."""
     if status is not None and status not in STATUSES:
         raise MemberError(f"status: must be one of {', '.join(STATUSES)}")
 
     def write(conn: sqlite3.Connection) -> None:
         current = get(conn, name)
+        new_limits = parse_limits(limits_patch, base=current.limits) if limits_patch is not None else limits
         conn.execute(
             "UPDATE members SET status = ?, limits = ?, models = ?, channels = ?, updated_at = ? "
             "WHERE name = ?",
             (
                 status or current.status,
-                orjson.dumps((limits or current.limits).to_dict()).decode(),
+                orjson.dumps((new_limits or current.limits).to_dict()).decode(),
                 orjson.dumps(list(current.models if models is None else models)).decode(),
                 orjson.dumps(list(current.channels if channels is None else channels)).decode(),
                 time.time(),
@@ -333,6 +337,3 @@ class MemberIndex:
 
     def by_name(self, name: str) -> Member | None:
         return self._by_name.get(name)
-
-    def members(self) -> list[Member]:
-        return sorted(self._by_name.values(), key=lambda m: m.name)

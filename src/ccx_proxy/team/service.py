@@ -1,7 +1,7 @@
 """The Team object the gateway holds: who is calling, may they, and what it cost.
 
 Per request: :meth:`Team.authenticate` (one hash lookup, or the shared keys),
-:meth:`Team.begin` (limits, and a :class:`Ticket` the relay fills in as it goes),
+:meth:`Team.admit` (limits, and a :class:`Ticket` the relay fills in as it goes),
 :meth:`Team.finish` (usage, cost, budgets, one record queued).  In the background: the
 member index follows the database (``members_version`` polled every
 :data:`POLL_INTERVAL` s, so a revoked or rotated key stops working within a second on
@@ -24,7 +24,7 @@ from ..headers import client_key, mask_secret
 from ..routing import Candidate
 from .db import Database, DatabaseError, path_in
 from .limits import Limiter, utc_day
-from .members import SHARED, SHARED_MEMBER, Member, MemberIndex, load_all, members_version
+from .members import SHARED_MEMBER, Member, MemberIndex, load_all, members_version
 from .meter import Usage, UsageMeter
 from .prices import PriceTable
 from .recorder import Record, Recorder
@@ -75,7 +75,7 @@ class Ticket:
         "session",
         "endpoint",
         "channel",
-        "key_id",
+        "api_key",
         "model",
         "upstream_model",
         "stream",
@@ -99,7 +99,7 @@ class Ticket:
         self.session = session
         self.endpoint = endpoint
         self.channel: str | None = None
-        self.key_id: str | None = None
+        self.api_key: str | None = None  # the upstream key used: masked before it is recorded
         self.model: str | None = None
         self.upstream_model: str | None = None
         self.stream = False
@@ -112,6 +112,13 @@ class Ticket:
         self.prices: tuple[PriceTable, ...] = ()
         self.admitted = False
         self.trace: list[Any] | None = None  # failover.AttemptTrace per attempt, when tracing
+
+    @property
+    def final_outcome(self) -> str:
+        """How the request ended: the relay's word, or the stream's when it completed."""
+        if self.outcome == "complete" and self.meter is not None:
+            return self.meter.outcome
+        return self.outcome
 
 
 def _budget_totals(conn: sqlite3.Connection, day: str) -> dict[str, tuple[int, float, int, float]]:
@@ -267,9 +274,7 @@ class Team:
         observers = self.observers
         if not self.record_usage and not observers and self.tracer is None:
             return
-        outcome = ticket.outcome
-        if outcome == "complete" and ticket.meter is not None:
-            outcome = ticket.meter.outcome
+        outcome = ticket.final_outcome
         record = Record(
             now,
             ticket.request_id,
@@ -277,7 +282,7 @@ class Team:
             ticket.session,
             ticket.endpoint,
             ticket.channel,
-            _mask(ticket.key_id) if ticket.key_id else None,
+            _mask(ticket.api_key) if ticket.api_key else None,
             ticket.model,
             ticket.upstream_model,
             1 if ticket.stream else 0,
@@ -310,7 +315,3 @@ class Team:
             "month": {"tokens": spent.month_tokens, "usd": round(spent.month_usd, 6)},
             "active": self.limiter.active(member.name),
         }
-
-    @property
-    def shared_name(self) -> str:
-        return SHARED
