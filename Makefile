@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # no Playwright).  A full install (STAMP) includes it.
 RUN_STAMP := $(VENV)/.run-installed
 
-.PHONY: install run test lint bench bench-quick bench-memory clean screenshots
+.PHONY: install run test lint bench bench-quick bench-memory bench-sizing clean screenshots
 
 $(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,10 @@ bench: $(BENCH_STAMP)
 # side by side with another tree: make bench-memory BENCH_ARGS="--baseline 3c70b95"
 bench-memory: $(STAMP)
 	$(BIN)/python bench/memory.py $(BENCH_ARGS)
+
+# deploy/README.md's sizing note: one worker's RSS and CPU with N open streams (~1.5 minutes).
+bench-sizing: $(STAMP)
+	$(BIN)/python bench/sizing.py $(BENCH_ARGS)
 
 # A few seconds, for CI: checks that the harness works, not how fast anything is.
 bench-quick: $(STAMP)

@@ -17,21 +17,14 @@ from pathlib import Path
 
 from http1 import ResponseTracker, build_request
 from latency import percentile
-from procs import cpu_list
+from procs import cpu_list, find_program
 
 LUA = Path(__file__).resolve().parent / "wrk" / "post.lua"
 
 
 def find_wrk(install: bool) -> str | None:
     """wrk's path; with install, apt-get it when missing (Debian/Ubuntu, as root)."""
-    path = shutil.which("wrk")
-    if path or not install:
-        return path
-    if shutil.which("apt-get"):
-        print("wrk is missing: apt-get install -y wrk", flush=True)
-        subprocess.run(["apt-get", "update", "-qq"], check=False)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False)
-    return shutil.which("wrk")
+    return find_program("wrk", "wrk", install)
 
 
 def run_wrk(

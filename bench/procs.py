@@ -146,5 +146,16 @@ class Proc:
         return self.popen.returncode
 
 
+def find_program(name: str, package: str, install: bool) -> str | None:
+    """``name``'s path; with install, apt-get ``package`` when missing (Debian/Ubuntu, as root)."""
+    path = shutil.which(name)
+    if path or not install or not shutil.which("apt-get"):
+        return path
+    print(f"{name} is missing: apt-get install -y {package}", flush=True)
+    subprocess.run(["apt-get", "update", "-qq"], check=False)
+    subprocess.run(["apt-get", "install", "-y", "-qq", package], check=False)
+    return shutil.which(name)
+
+
 def python() -> str:
     return sys.executable

@@ -292,6 +292,49 @@ def _team_rows(t: Table, r: dict[str, Any]) -> None:
     )
 
 
+TARGET_REDIS_COST = 0.15  # limits counted in Redis: at most 15% of requests/s vs no limits
+
+
+def _redis_rows(t: Table, r: dict[str, Any]) -> None:
+    if "skipped" in r:
+        t.add("7 redis limits", f"skipped: {r['skipped']}")
+        return
+    none, local, shared = (r[k]["rps_median"] for k in ("limits_none", "limits_local", "limits_redis"))
+    cost = 1 - shared / none if none else float("nan")
+    t.add(
+        "7 redis limits, 64 conns",
+        "requests/s: member without limits → limits counted in Redis",
+        f"{none:,.0f}",
+        f"{shared:,.0f}",
+        f"{-cost * 100:+.1f}%",
+        ratio(shared, none),
+        f"cost ≤ {TARGET_REDIS_COST * 100:.0f}%",
+        cost <= TARGET_REDIS_COST,
+    )
+    t.add(
+        "7 redis limits, 64 conns",
+        "requests/s: limits counted in the process → in Redis",
+        f"{local:,.0f}",
+        f"{shared:,.0f}",
+        f"{(shared / local - 1) * 100:+.1f}%" if local else "",
+        ratio(shared, local),
+    )
+    cpu_none, cpu_shared = r["limits_none"]["cpu_us_per_request"], r["limits_redis"]["cpu_us_per_request"]
+    t.add(
+        "7 redis limits, 64 conns",
+        "gateway CPU per request (all its threads)",
+        us(cpu_none),
+        us(cpu_shared),
+        signed_us(cpu_shared - cpu_none),
+        ratio(cpu_shared, cpu_none),
+    )
+    t.add(
+        "7 redis limits, 64 conns",
+        "Redis calls per request (EVALSHA = 1) / redis-server CPU per request",
+        gateway=f"{r['redis_calls_per_request']:.2f} / {us(r['redis_cpu_us_per_request'])}",
+    )
+
+
 def rows(results: dict[str, Any]) -> list[Row]:
     t = Table()
     s = results["scenarios"]
@@ -308,6 +351,8 @@ def rows(results: dict[str, Any]) -> list[Row]:
         _scaling_rows(t, s["scaling"])
     if "team" in s:
         _team_rows(t, s["team"])
+    if "redis" in s:
+        _redis_rows(t, s["redis"])
     return t.rows
 
 

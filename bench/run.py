@@ -34,7 +34,7 @@ import report  # noqa: E402
 import scenarios  # noqa: E402
 from procs import Proc, free_port, python  # noqa: E402
 
-ALL = ("latency", "throughput", "big_bodies", "long_streams", "scaling", "team")
+ALL = ("latency", "throughput", "big_bodies", "long_streams", "scaling", "team", "redis")
 REPO = Path(__file__).resolve().parent.parent
 QUICK_NOTE = (
     "bench --quick: these figures are NOT measurements (a few requests per scenario, seconds in all); "

@@ -17,7 +17,7 @@ from pathlib import Path
 import latency as lat
 import loadgen
 from http1 import build_request
-from procs import Proc, cpu_list, free_port, python
+from procs import Proc, cpu_list, find_program, free_port, python
 
 BENCH = Path(__file__).resolve().parent
 ACCESS_KEY = "ccx-bench-access-key"
@@ -364,16 +364,103 @@ def team(ctx: Ctx) -> dict[str, object]:
         "connections": conns,
         "seconds": seconds,
         "rounds": rounds,
-        **{
-            t: {
-                "rps_median": statistics.median(x["rps"] for x in rs),
-                "cpu_us_per_request": statistics.median(x["cpu_us_per_request"] for x in rs),
-                "requests": sum(x["requests"] for x in rs),
-                "errors": sum(x["errors"] for x in rs),
-                "rss_bytes_end": rss[t],
-                "runs": rs,
-            }
-            for t, rs in runs.items()
-        },
+        **{t: {**_summary(rs), "rss_bytes_end": rss[t]} for t, rs in runs.items()},
         "usage_rows_written": recorded,
     }
+
+
+def redis(ctx: Ctx) -> dict[str, object]:
+    """7. Shared limits in Redis (REDIS_URL): a member with no limits (no Redis), the same
+    member with rpm, concurrency and a daily budget counted in the process, and counted in
+    a real redis-server, at 64 connections, alternating.  Also: Redis commands per request."""
+    import redis as redis_client  # the tree under test's venv
+
+    from ccx_proxy.team import db, members
+
+    binary = find_program("redis-server", "redis-server", install=not ctx.quick)
+    if binary is None:
+        return {"skipped": "redis-server is not installed (apt-get install redis-server)"}
+    redis_port = free_port()
+    ctx.procs["redis"] = Proc(
+        "redis",
+        [binary, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        ctx.load_cpus,
+        ctx.tmp,
+        port=redis_port,
+    )
+    limits = members.Limits(rpm=100_000_000, maxConcurrent=100_000, dailyTokens=10**15)
+    keys = {}
+    for target, member_limits in (("limits_none", None), ("limits_local", limits), ("limits_redis", limits)):
+        conn = db.connect(db.path_in(ctx.tmp / f"data-{target}"))
+        _, keys[target] = members.add(conn, "bench-member", limits=member_limits)
+        conn.close()
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    targets = ["limits_none", "limits_local", "limits_redis"]
+    for target in targets:
+        extra = {"DATA_DIR": str(ctx.tmp / f"data-{target}")}
+        if target == "limits_redis":
+            extra["REDIS_URL"] = redis_url
+        ctx.start_gateway(target, env_extra=extra)
+        ctx.keys[target] = keys[target]
+    conns = 64
+    seconds = 1.0 if ctx.quick else 3.0
+    rounds = 1 if ctx.quick else 3
+    runs: dict[str, list[dict[str, float]]] = {t: [] for t in targets}
+    client = redis_client.Redis.from_url(redis_url)
+    commands = 0
+    try:
+        if not ctx.quick:
+            for target in targets:
+                ctx.load(target, conns, 1.0)
+        for r in range(rounds):
+            for target in targets if r % 2 == 0 else targets[::-1]:
+                proc = ctx.procs[target]
+                cpu0 = proc.cpu()
+                before = _calls(client)
+                result = ctx.load(target, conns, seconds)
+                result["cpu_us_per_request"] = 1e6 * (proc.cpu() - cpu0) / max(1, result["requests"])
+                if target == "limits_redis":
+                    time.sleep(0.2)  # the last releases and spend
+                    commands += _calls(client) - before
+                runs[target].append(result)
+        redis_cpu = ctx.procs["redis"].cpu()
+    finally:
+        client.close()
+        for target in targets:
+            ctx.stop(target)
+        ctx.stop("redis")
+    answered = sum(x["requests"] - x["errors"] for x in runs["limits_redis"])
+    return {
+        "connections": conns,
+        "seconds": seconds,
+        "rounds": rounds,
+        **{t: _summary(rs) for t, rs in runs.items()},
+        "redis_calls_per_request": commands / max(1, answered),
+        "redis_cpu_us_per_request": 1e6 * redis_cpu / max(1, answered),
+    }
+
+
+def _summary(runs: list[dict[str, float]]) -> dict[str, object]:
+    """One target's alternating runs: medians of rate and CPU, sums of requests and errors."""
+    return {
+        "rps_median": statistics.median(x["rps"] for x in runs),
+        "cpu_us_per_request": statistics.median(x["cpu_us_per_request"] for x in runs),
+        "requests": sum(x["requests"] for x in runs),
+        "errors": sum(x["errors"] for x in runs),
+        "runs": runs,
+    }
+
+
+def _calls(client: object) -> int:
+    """Commands the gateways sent to Redis (EVALSHA counts once, not the commands its
+    script runs; INFO, this bench's own, not at all)."""
+    stats = client.info("commandstats")  # type: ignore[attr-defined]
+    names = {k: k.removeprefix("cmdstat_").split("|")[0] for k in stats}
+    return sum(v["calls"] for k, v in stats.items() if names[k] not in _IN_SCRIPTS and names[k] != "info")
+
+
+# Commands only the gateway's Lua scripts run (counted by Redis as commands of their own).
+_IN_SCRIPTS = {
+    "zadd", "zrem", "zcard", "zrange", "zremrangebyscore", "hget", "hincrby", "hincrbyfloat",
+    "expire", "pexpire", "time", "get", "hkeys",
+}  # fmt: skip

@@ -3,18 +3,23 @@
 Same setup as ``test_admin_team_browser`` (its gateway and page fixtures: Debian's Chromium
 driven by Playwright, ``serve --with-mock-upstream`` with a team database).  Requests go
 through the gateway while the page is open; its numbers must match what ``/metrics`` serves.
-With ``CCX_SCREENSHOT_DIR`` set, the test keeps ``console-overview.png`` there.
+With ``CCX_SCREENSHOT_DIR`` set, the test keeps ``console-overview.png`` there.  With a real
+redis-server in ``REDIS_URL``: the count of instances reporting, and the notice while Redis is down.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.redis_server import RedisServer
 from tests.test_admin_browser import ADMIN_KEY, DOCS, PHONE, PROXY_KEY, Gateway, _assert_fits, _sign_in
 from tests.test_admin_browser import pytestmark as browser_marks
 from tests.test_admin_team_browser import _OPENER, _message, _team, _until
@@ -64,6 +69,7 @@ def test_overview_shows_live_rates_errors_and_ttfb(gateway: Gateway, page: tuple
     assert tab.title() == "Overview · ccx-proxy admin"
     row = tab.locator('#overview-rows tr[data-name="demo-mock"]')
     expect(row.locator('[data-label="State"]')).to_have_text("available")
+    expect(tab.locator("#overview-instances, #overview-notice")).to_have_count(0)  # no REDIS_URL
 
     # A member allowed 2 requests a minute: their third is refused with a 429, an error.
     member = _team(gateway, "members", "POST", {"name": "bob", "limits": {"rpm": 2}})["key"]
@@ -118,4 +124,45 @@ def test_overview_shows_live_rates_errors_and_ttfb(gateway: Gateway, page: tuple
     tab.set_viewport_size({"width": PHONE["width"], "height": PHONE["height"]})
     expect(row.locator('[data-label="State"]')).to_be_visible()
     _assert_fits(tab, "overview")
+    assert problems == []
+
+
+@pytest.fixture
+def redis(monkeypatch: pytest.MonkeyPatch) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, in the environment before the gateway starts."""
+    server = RedisServer()
+    server.start()
+    monkeypatch.setenv("REDIS_URL", server.url)
+    monkeypatch.setenv("REDIS_PREFIX", f"t{secrets.token_hex(4)}:")
+    yield server
+    server.close()
+
+
+def test_overview_counts_instances_and_says_when_redis_is_down(
+    redis: RedisServer,
+    gateway: Gateway,  # noqa: F811 - after redis: it reads REDIS_URL as it starts
+    page: tuple[Page, list[str]],  # noqa: F811
+) -> None:
+    tab, problems = page
+    _sign_in(tab, gateway)
+    tab.get_by_role("navigation", name="Sections").get_by_role("link", name="Overview").click()
+    instances = tab.locator("#overview-instances")
+    expect(instances).to_have_text("1 instance reporting")
+    expect(tab.locator("#overview-facts")).to_contain_text(
+        "every gateway instance sharing Redis", timeout=8000
+    )
+    assert _message(gateway, PROXY_KEY) == 200
+    requests = tab.locator("#overview-totals .total", has_text="Requests/s").locator(".sub")
+    expect(requests).to_have_text("1 since the gateway started", timeout=5000)
+
+    redis.stop()  # the gateway notices within a second; the page at its next update
+    notice = tab.locator("#overview-notice")
+    expect(notice).to_have_text("Redis down: this host only", timeout=10_000)
+    expect(instances).to_have_count(0)
+    expect(tab.locator("#overview-facts")).not_to_contain_text("sharing Redis")
+    expect(requests).to_have_text("1 since the gateway started")  # this host's numbers
+
+    redis.start()
+    expect(notice).to_have_count(0, timeout=15_000)
+    expect(instances).to_have_text("1 instance reporting")
     assert problems == []

@@ -49,7 +49,13 @@ def test_bench_quick_mode_produces_every_figure(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "bench-quick.json").read_text())
     assert {"python", "aiohttp", "uvloop", "cpus_online", "loadgen"} <= set(data["machine"])
     s = data["scenarios"]
-    assert set(s) == {"latency", "throughput", "big_bodies", "long_streams", "scaling", "team"}
+    assert set(s) == {"latency", "throughput", "big_bodies", "long_streams", "scaling", "team", "redis"}
+    redis = s["redis"]
+    assert "skipped" not in redis or os.environ.get("CCX_REQUIRE_SERVICES") != "1", redis
+    if "skipped" not in redis:
+        for target in ("limits_none", "limits_local", "limits_redis"):
+            assert redis[target]["errors"] == 0 and redis[target]["requests"] > 0
+        assert 1.5 <= redis["redis_calls_per_request"] <= 3  # admit + finish, a few background calls
     team = s["team"]
     assert team["team_off"]["errors"] == 0 and team["team_member"]["errors"] == 0
     member = team["team_member"]

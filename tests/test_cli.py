@@ -243,3 +243,22 @@ def test_a_reload_keeps_the_demo_channel_on_the_mock_port() -> None:
     gateway.adjust = lambda loaded: follow_mock_port(loaded, 4555)  # as serve sets it
     gateway.apply(shipped)  # a reload reads the file as written ...
     assert gateway.runtime.config.channels[0].base_url == "http://127.0.0.1:4555"  # ... and it still moves
+
+
+def test_migrate_and_usage_export_are_commands(tmp_path: Path) -> None:
+    """``migrate`` and ``usage export`` reach the team CLI from the real entry point; the
+    report's own options stay beside the ``export`` verb."""
+    data = tmp_path / "data"
+    no_url = {"DATABASE_URL": ""}  # unset: SQLite in DATA_DIR, whatever the shell has
+    first = _run("migrate", DATA_DIR=str(data), **no_url)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == f"migrated {data / 'ccx.db'}: schema version 0 -> 1\n"
+    again = _run("migrate", DATA_DIR=str(data), **no_url)
+    assert again.returncode == 0 and "up to date" in again.stdout
+    report = _run("usage", "--by", "day,member", "--since", "7d", "--csv", DATA_DIR=str(data), **no_url)
+    assert report.returncode == 0 and report.stdout.startswith("day,member,requests"), report.stderr
+    helped = _run("usage", "export", "--help")
+    assert helped.returncode == 0 and "one transaction" in helped.stdout and "--replace" in helped.stdout
+    wrong = _run("migrate", DATABASE_URL="mysql://u:s3cret@h/db")
+    assert wrong.returncode == 2 and "DATABASE_URL must be a postgresql:// URL" in wrong.stderr
+    assert "s3cret" not in wrong.stderr

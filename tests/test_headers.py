@@ -49,6 +49,18 @@ def test_end_to_end_headers_pass_and_credentials_are_replaced() -> None:
     )
 
 
+def test_what_a_load_balancer_adds_about_the_client_stays_at_the_gateway() -> None:
+    raw = [
+        (b"X-Forwarded-For", b"10.1.2.3"),
+        (b"X-Real-IP", b"10.1.2.3"),
+        (b"X-Forwarded-Proto", b"https"),
+        (b"X-Forwarded-Host", b"gateway.corp.example"),
+        (b"Forwarded", b"for=10.1.2.3;proto=https"),
+        (b"anthropic-version", b"2023-06-01"),
+    ]
+    assert _block(raw) == b"anthropic-version: 2023-06-01\r\nx-api-key: sk-channel\r\n"
+
+
 def test_custom_headers_are_added_and_override_client_values() -> None:
     raw = [(b"X-Org", b"client"), (b"anthropic-version", b"2023-06-01")]
     assert _block(raw, (("x-org", "channel"), ("X-Extra", "1"))) == (

@@ -70,6 +70,18 @@ class SessionAffinity:
             return None
         return entry[0]
 
+    async def lookup(self, session: str, now: float) -> str | None:
+        """:meth:`channel_for`, awaited (the shared table in Redis answers over the network)."""
+        return self.channel_for(session, now)
+
+    def adopt(self, session: str, channel: str, now: float, thinking: bool) -> None:
+        """What the shared table says of ``session`` (ccx_proxy.shared.affinity)."""
+        entry = self._sessions.get(session)
+        self._sessions[session] = (channel, now, thinking or (entry is not None and entry[2]))
+        self._sessions.move_to_end(session)
+        while len(self._sessions) > self.policy.maxSessions:
+            self._sessions.popitem(last=False)
+
     def remember(self, session: str, channel: str, now: float, body: bytes = b"") -> None:
         """``channel`` served ``session`` at ``now``; ``body`` is the request (for thinking)."""
         sessions = self._sessions

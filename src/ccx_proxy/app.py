@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from . import __version__, ops, relay
+from . import __version__, ops, relay, shared
 from .admin.api import setup_admin
 from .config import GatewayConfig
 from .errors import (
@@ -146,19 +146,28 @@ def create_app(settings: Settings, config: GatewayConfig, clock: Clock | None = 
         client = UpstreamClient()
         gateway.open_client(client)
         await gateway.team.start()
+        shared_limits = gateway.team.shared_limits
+        if gateway.shared is not None:
+            await gateway.shared.start()
+        if shared_limits is not None:
+            shared_limits.start()
         if watcher is not None:
             watcher.start()
         yield
         if watcher is not None:
             await watcher.stop()
+        if shared_limits is not None:
+            await shared_limits.stop()
         await gateway.team.stop()
+        if gateway.shared is not None:  # after the team: its last releases and spend go out
+            await gateway.shared.stop()
         client.close()
 
     app.cleanup_ctx.append(lifecycle)
-    setup_admin(
-        app, gateway, ChannelStore(source or settings.channels_file, backups=settings.config_backups), watcher
-    )
+    channel_store = ChannelStore(source or settings.channels_file, backups=settings.config_backups)
+    setup_admin(app, gateway, channel_store, watcher)
     ops.setup(app, gateway)
+    shared.setup(app, gateway, channel_store)
     app.router.add_post("/v1/messages", relay.messages)
     app.router.add_post("/v1/messages/count_tokens", relay.count_tokens)
     app.router.add_get("/v1/models", list_models)

@@ -1,5 +1,5 @@
 """The ``ccx-proxy`` command: ``serve``, ``check-config``, ``mock-upstream``, ``bench``,
-``members`` and ``usage``."""
+``members``, ``usage`` and ``migrate``."""
 
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return benchmark.main(args)
     if args.command == "doctor":
         return doctor.main(args)
-    if args.command in ("members", "usage"):
+    if args.command in ("members", "usage", "migrate"):
         return team_cli.main(args)
     if args.command == "mock-upstream":
         key = args.key or os.environ.get("MOCK_UPSTREAM_KEY") or DEFAULT_KEY
@@ -202,14 +202,17 @@ def serve(args: argparse.Namespace) -> int:
         if args.with_mock_upstream:
             print("ccx-proxy: --with-mock-upstream runs in one process: use --workers 1", file=sys.stderr)
             return 2
-        log.warning(
-            "--workers %d: member limits (requests per minute, concurrency, budgets) are enforced per "
-            "worker, so a member may get up to %d times a limit; members, keys and usage are shared "
-            "through %s",
-            workers,
-            workers,
-            settings.data_dir,
-        )
+        if settings.redis is None:
+            log.warning(
+                "--workers %d: member limits (requests per minute, concurrency, budgets) are enforced per "
+                "worker, so a member may get up to %d times a limit (set REDIS_URL to share them); "
+                "members, keys and usage are shared through %s",
+                workers,
+                workers,
+                settings.data_dir,
+            )
+        else:
+            log.info("--workers %d: limits, upstream health and affinity shared through Redis", workers)
         return serve_workers(settings.host, settings.port, settings.channels_file, workers)
     if args.with_mock_upstream and args.mock_port != DEFAULT_PORT:
         config = follow_mock_port(config, args.mock_port)

@@ -22,6 +22,7 @@ The tree (status / Anthropic ``error.type``)::
     ├── UpstreamUnreachable           502 api_error
     │   └── UpstreamKeyRejected       502 api_error  (the channel's key refused: 401/402/403)
     ├── NoChannelAvailable            503 overloaded_error
+    ├── SharedStateUnavailable        503 api_error  (Redis down with REDIS_FAILURE=closed)
     ├── Overloaded                    529 overloaded_error  (maxConcurrentStreams reached)
     └── UpstreamTimeout               504 timeout_error
 
@@ -174,6 +175,12 @@ class UpstreamKeyRejected(UpstreamUnreachable):
 class NoChannelAvailable(GatewayError):
     status = 503
     error_type = "overloaded_error"
+
+
+class SharedStateUnavailable(GatewayError):
+    """Redis is unreachable and ``REDIS_FAILURE=closed``: a member with limits is refused."""
+
+    status = 503
 
 
 class Overloaded(GatewayError):

@@ -27,7 +27,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import orjson
 from multidict import CIMultiDict
@@ -35,7 +35,7 @@ from multidict import CIMultiDict
 from .body import ModelField, replace_model
 from .errors import GatewayError, NoChannelAvailable, UpstreamKeyRejected, error_body
 from .headers import client_response_headers, mask_secret, scrub_head, upstream_header_block
-from .health import ChannelHealth, HealthRegistry, KeyHealth, retry_after_seconds
+from .health import BreakerState, ChannelHealth, HealthRegistry, KeyHealth, retry_after_seconds
 from .policy import RoutingPolicy
 from .routing import Candidate
 from .thinking import rewrite
@@ -45,6 +45,9 @@ from .upstream.client import UpstreamClient
 from .upstream.errors import ProxyFailed, UpstreamFailure, to_gateway_error
 from .upstream.response import Response
 from .upstream.wire import Endpoints
+
+if TYPE_CHECKING:
+    from .shared.health import HealthSync
 
 log = logging.getLogger("ccx_proxy.failover")
 
@@ -218,7 +221,9 @@ async def connect(
                 if req.spent():
                     return req.outcome
                 attempt = Attempt(registry, channel, health, key, api_key, candidate.model)
-                if not attempt.acquire(now):
+                if not attempt.acquire(now) or (
+                    registry.sync is not None and attempt.probing and not await _claim(registry.sync, attempt)
+                ):
                     req.outcome.tried.append(f"{channel.name}: {_unavailable(health, now)}")
                     held.append(_Held(health.usable_at(now), candidate, urls, index))
                     next_channel = True
@@ -272,6 +277,19 @@ async def connect(
         now = registry.clock()
         last.headers["Retry-After"] = str(max(1, math.ceil(_soonest(registry, candidates, now) - now)))
     return outcome
+
+
+async def _claim(sync: HealthSync, attempt: Attempt) -> bool:
+    """A half-open probe goes out only if no other instance has one out (REDIS_URL)."""
+    channel = attempt.channel
+    on_key = attempt.key.breaker.state is BreakerState.HALF_OPEN
+    ttl = channel.timeouts.connect + channel.timeouts.first_byte(True)
+    claim = await sync.claim_probe(channel.name, attempt.api_key if on_key else None, ttl)
+    if claim is not None:
+        attempt.claim = claim
+        return True
+    attempt.release()
+    return False
 
 
 def _soonest(registry: HealthRegistry, candidates: tuple[Candidate, ...], now: float) -> float:

@@ -35,7 +35,12 @@ HOP_BY_HOP = frozenset(
 CLIENT_CREDENTIALS = frozenset({"x-api-key", "authorization"})
 # Headers the gateway consumes itself and never forwards.
 GATEWAY_ONLY = frozenset({"x-channel"})
-_REQUEST_DROP = HOP_BY_HOP | CLIENT_CREDENTIALS | GATEWAY_ONLY | {"host", "content-length"}
+# What a load balancer in front adds about the client (deploy/): the team's addresses and
+# host names are not the upstream provider's business.
+CLIENT_ORIGIN = frozenset(
+    {"forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip"}
+)
+_REQUEST_DROP = HOP_BY_HOP | CLIENT_CREDENTIALS | GATEWAY_ONLY | CLIENT_ORIGIN | {"host", "content-length"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 # customHeaders may not override what the gateway owns.
 RESERVED_CUSTOM = _REQUEST_DROP

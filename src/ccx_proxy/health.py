@@ -13,8 +13,12 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from .policy import BreakerPolicy
+
+if TYPE_CHECKING:
+    from .shared.health import HealthSync
 
 Clock = Callable[[], float]
 
@@ -106,6 +110,23 @@ class Breaker:
             self._open(now)
         self._probing = False
 
+    def opened_elsewhere(self, until: float) -> None:
+        """Another instance saw this breaker trip (:mod:`ccx_proxy.shared.health`): open
+        until ``until`` (its own back-off stays as it is)."""
+        if self.policy.enabled and (self.state is not BreakerState.OPEN or until > self.open_until):
+            self.state = BreakerState.OPEN
+            self.open_until = max(self.open_until, until)
+
+    def closed_elsewhere(self) -> None:
+        """Another instance's probe got through: closed, with a fresh window."""
+        if self.state is not BreakerState.CLOSED:
+            self.state = BreakerState.CLOSED
+            self._backoff = self.policy.openMs / 1000
+            self._outcomes.clear()
+            self._failures = 0
+            self.consecutive = 0
+            self._probing = False
+
     def _tripped(self) -> bool:
         p = self.policy
         if self.consecutive >= p.consecutiveFailures > 0:
@@ -196,6 +217,8 @@ class HealthRegistry:
     def __init__(self, clock: Clock = time.monotonic) -> None:
         self.clock = clock
         self._channels: dict[str, ChannelHealth] = {}
+        # REDIS_URL: what this process learns goes to every instance (ccx_proxy.shared.health).
+        self.sync: HealthSync | None = None
 
     def channel(self, name: str, policy: BreakerPolicy) -> ChannelHealth:
         health = self._channels.get(name)

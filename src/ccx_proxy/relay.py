@@ -126,7 +126,7 @@ async def _forward(request: web.Request, *, count_tokens: bool) -> web.StreamRes
         ticket.trace = []
     gateway.streams += 1
     try:
-        team.admit(ticket)
+        await team.admit(ticket)
         return await _relay(request, gateway, loop, count_tokens, ticket)
     except GatewayError as exc:
         ticket.status, ticket.error_type, ticket.outcome = exc.status, exc.error_type, "error"
@@ -165,7 +165,7 @@ async def _relay(
     if runtime.config.affinity.enabled and pinned is None and len(candidates) > 1:
         session = session_of(request.headers, body)
         if session is not None:
-            sticky = gateway.affinity.channel_for(session, gateway.health.clock())
+            sticky = await gateway.affinity.lookup(session, gateway.health.clock())
             if sticky is not None:
                 candidates = prefer(candidates, sticky)
 

@@ -1,7 +1,9 @@
 """Hot reload: a changed channels file (polled) or SIGHUP swaps in a new
 configuration.  An invalid file is rejected with a log line and the running
 configuration stays.  In-flight requests finish on the snapshot they started
-with; new requests use the new one."""
+with; new requests use the new one.  With ``REDIS_URL``, a file loaded here that
+differs from the fleet's version is then published to every instance
+(:mod:`ccx_proxy.shared.config`)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import ConfigError, load_config
@@ -36,6 +39,9 @@ class ConfigWatcher:
         self._task: asyncio.Task[None] | None = None
         self.reloads = 0
         self.rejected = 0  # invalid files seen (and kept out)
+        # With REDIS_URL (ccx_proxy.shared.config): called with the reason after a file was
+        # loaded, to offer it to the fleet when it differs from the fleet's version.
+        self.on_reload: Callable[[str], None] | None = None
 
     def reload(self, reason: str) -> bool:
         """Load the file now; True when the new configuration is in use."""
@@ -59,6 +65,8 @@ class ConfigWatcher:
             len(config.active),
             len(config.channels),
         )
+        if self.on_reload is not None:
+            self.on_reload(reason)
         return True
 
     def written(self) -> None:

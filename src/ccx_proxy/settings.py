@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 DEFAULT_PORT = 3000
 DEFAULT_HOST = "127.0.0.1"
@@ -19,6 +20,48 @@ DEFAULT_DATA_DIR = "./data"
 
 class SettingsError(Exception):
     """A setting that makes starting pointless; the message is one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """Shared state across workers and hosts (:mod:`ccx_proxy.shared`): ``REDIS_URL`` and its knobs."""
+
+    url: str = field(repr=False)  # may carry a password
+    failure: str = "open"  # REDIS_FAILURE: open (local state) | closed (refuse limited requests)
+    timeout: float = 0.05  # REDIS_TIMEOUT_MS: the longest a request waits on Redis
+    prefix: str = "ccx:"  # REDIS_PREFIX: every key and channel starts with it
+    slot_ttl: float = 30.0  # REDIS_SLOT_TTL_S: a concurrency slot of a process that died expires
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> RedisSettings | None:
+        url = env.get("REDIS_URL", "").strip()
+        if not url:
+            return None
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError("REDIS_URL must start with redis://, rediss:// or unix://")
+        shape = "redis://[:password@]host:port/db, with / # ? @ in the password percent-encoded"
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise SettingsError(f"REDIS_URL is not a valid URL ({shape})") from None
+        if parts.scheme != "unix":
+            if not parts.hostname:
+                raise SettingsError(f"REDIS_URL names no host ({shape})")
+            db = parts.path.lstrip("/")
+            if db and not db.isdigit():
+                raise SettingsError(f"REDIS_URL's database must be a number ({shape})")
+        failure = env.get("REDIS_FAILURE", "").strip().lower() or "open"
+        if failure not in ("open", "closed"):
+            raise SettingsError(f"REDIS_FAILURE must be open or closed, not {failure!r}")
+        timeout_ms = _non_negative_int(env, "REDIS_TIMEOUT_MS", 50)
+        if not 1 <= timeout_ms <= 10_000:
+            raise SettingsError("REDIS_TIMEOUT_MS must be between 1 and 10000")
+        slot_ttl = _non_negative_int(env, "REDIS_SLOT_TTL_S", 30)
+        if slot_ttl < 1:
+            raise SettingsError("REDIS_SLOT_TTL_S must be at least 1")
+        prefix = env.get("REDIS_PREFIX", "").strip() or "ccx:"
+        return cls(url, failure, timeout_ms / 1000, prefix, float(slot_ttl))
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +87,9 @@ class Settings:
     usage_retention_days: int = 90
     access_log: bool = True  # one line per request (ccx_proxy.ops.accesslog); ACCESS_LOG=off
     log_format: str = "text"  # LOG_FORMAT: text | json
+    # DATABASE_URL=postgresql://...: members and usage in PostgreSQL instead of DATA_DIR/ccx.db.
+    database_url: str | None = field(default=None, repr=False)  # may carry a password
+    redis: RedisSettings | None = None  # REDIS_URL unset: every process keeps its own state
 
     @classmethod
     def from_env(
@@ -97,9 +143,11 @@ class Settings:
         for name in ("METRICS_PUBLIC", "METRICS_PER_MEMBER"):  # read by ops.metrics: a typo stops serve
             flag(env, name, False)
         return cls(
+            redis=RedisSettings.from_env(env),
             access_log=flag(env, "ACCESS_LOG", True),
             log_format=log_format,
             data_dir=env.get("DATA_DIR", "").strip() or DEFAULT_DATA_DIR,
+            database_url=database_url(env),
             allow_shared_key=flag(env, "ALLOW_SHARED_KEY", True),
             usage_recording=flag(env, "USAGE_RECORDING", True),
             usage_retention_days=retention,
@@ -116,6 +164,20 @@ class Settings:
             channels_file=config or env.get("CHANNELS_FILE", "").strip() or DEFAULT_CHANNELS_FILE,
             max_body_bytes=int(size_mb * 1024 * 1024),
         )
+
+
+def database_url(env: Mapping[str, str]) -> str | None:
+    """DATABASE_URL: a postgresql:// (or postgres://) URL, or None (SQLite in DATA_DIR)."""
+    url = env.get("DATABASE_URL", "").strip()
+    if not url:
+        return None
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in ("postgresql", "postgres"):
+        shown = f"a {scheme}:// URL" if scheme else "no URL"
+        raise SettingsError(
+            f"DATABASE_URL must be a postgresql:// URL (unset: SQLite in DATA_DIR), not {shown}"
+        )
+    return url
 
 
 def _non_negative_int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -16,6 +16,10 @@ from .config import GatewayConfig
 from .health import Clock, HealthRegistry
 from .routing import Router
 from .settings import Settings
+from .shared.affinity import SharedAffinity
+from .shared.client import SharedStore
+from .shared.health import HealthSync
+from .shared.limits import SharedLimiter
 from .team.service import Team
 from .upstream.client import UpstreamClient
 
@@ -43,6 +47,7 @@ class Gateway:
         "streams",
         "adjust",
         "team",
+        "shared",
         "_client",
     )
 
@@ -55,10 +60,18 @@ class Gateway:
             allow_shared=settings.allow_shared_key,
             record_usage=settings.usage_recording and settings.data_dir is not None,
             retention_days=settings.usage_retention_days,
+            database_url=settings.database_url,
         )
+        # REDIS_URL: limits, upstream health, affinity and live numbers shared by every
+        # worker and host (ccx_proxy.shared); None: this process keeps its own.
+        self.shared = SharedStore(settings.redis) if settings.redis is not None else None
+        if self.shared is not None:
+            self.team.shared_limits = SharedLimiter(self.shared, self.team.limiter, self.team.budget_totals)
         self.health = HealthRegistry(clock) if clock is not None else HealthRegistry()
         self.runtime = Runtime.build(config)
-        self.affinity = SessionAffinity(config.affinity)
+        if self.shared is not None:
+            HealthSync(self.shared, self.health, lambda: self.runtime.config.channels)
+        self.affinity = self._affinity(config)
         self._client: UpstreamClient | None = None
         self.streams = 0  # requests being relayed now (maxConcurrentStreams)
         # Applied to every configuration loaded later (reloads, admin writes): what the
@@ -71,8 +84,15 @@ class Gateway:
             config = self.adjust(config)
         self.runtime = Runtime.build(config)
         self.health.reloaded({c.name for c in config.channels})
+        if self.health.sync is not None:
+            self.health.sync.reloaded()
         if config.affinity != self.affinity.policy:
-            self.affinity = SessionAffinity(config.affinity)
+            self.affinity = self._affinity(config)
+
+    def _affinity(self, config: GatewayConfig) -> SessionAffinity:
+        if self.shared is not None:
+            return SharedAffinity(config.affinity, self.shared)
+        return SessionAffinity(config.affinity)
 
     @property
     def client(self) -> UpstreamClient:

@@ -11,16 +11,17 @@ the old file or the new one, never a mix.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import fcntl
 import hashlib
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -86,6 +87,11 @@ class ChannelStore:
         self.env = os.environ if env is None else env
         self.backups = backups
         self._lock = asyncio.Lock()
+        # Called with (new bytes, the version they replace) from the writer thread, under the
+        # locks, after validation and before the write: with REDIS_URL the shared channels
+        # document (ccx_proxy.shared.config) does its fleet-wide compare-and-set here and
+        # raises Conflict when another instance's edit won.
+        self.before_commit: Callable[[bytes, str], None] | None = None
 
     def _sweep_temp_files(self) -> None:
         """Temp files a killed writer left behind (never the live file); a minute old at least,
@@ -121,29 +127,60 @@ class ChannelStore:
         async with self._lock:
             return await asyncio.to_thread(self._update_locked, change, if_match)
 
-    def _update_locked(
-        self, change: Callable[[Document], None], if_match: str | tuple[str, ...] | None
-    ) -> tuple[GatewayConfig, Document, str]:
-        accepted = (if_match,) if isinstance(if_match, str) else if_match
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """Across worker processes: ``flock`` on a lock file beside the channels file."""
         lock_path = self.path.parent / f".{self.path.name}.lock"
         with open(lock_path, "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                doc, version = self.read()
-                if accepted is not None and version not in accepted:
-                    raise Conflict(
-                        "the channels file changed since you read it (version "
-                        f"{', '.join(accepted)} is stale, current is {version}); "
-                        "reload and apply your edit again"
-                    )
-                edited = copy.deepcopy(doc)
-                change(edited)
-                config = parse_config(edited, self.env, source=str(self.path))
-                data = canonical(edited)
-                self._commit(data)
-                return config, edited, version_of(data)
+                yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _update_locked(
+        self, change: Callable[[Document], None], if_match: str | tuple[str, ...] | None
+    ) -> tuple[GatewayConfig, Document, str]:
+        accepted = (if_match,) if isinstance(if_match, str) else if_match
+        with self._file_lock():
+            doc, version = self.read()
+            if accepted is not None and version not in accepted:
+                raise Conflict(
+                    "the channels file changed since you read it (version "
+                    f"{', '.join(accepted)} is stale, current is {version}); "
+                    "reload and apply your edit again"
+                )
+            edited = copy.deepcopy(doc)
+            change(edited)
+            config = parse_config(edited, self.env, source=str(self.path))
+            data = canonical(edited)
+            if self.before_commit is not None:
+                self.before_commit(data, version)
+            self._commit(data)
+            return config, edited, version_of(data)
+
+    async def replace(
+        self, data: bytes, wanted: Callable[[], bool]
+    ) -> Literal["written", "unchanged", "stale"]:
+        """Make the file hold exactly ``data`` (a version validated elsewhere: the shared
+        store's), with a backup, under the same locks as :meth:`update`.  ``wanted()`` is asked
+        once the locks are held: False (a newer write won meanwhile) leaves the file alone."""
+        async with self._lock:
+            return await asyncio.to_thread(self._replace_locked, data, wanted)
+
+    def _replace_locked(
+        self, data: bytes, wanted: Callable[[], bool]
+    ) -> Literal["written", "unchanged", "stale"]:
+        with self._file_lock():
+            if not wanted():
+                return "stale"
+            try:
+                if self.path.read_bytes() == data:
+                    return "unchanged"  # another worker of this host wrote it already
+            except FileNotFoundError:
+                pass
+            self._commit(data)
+            return "written"
 
     def _commit(self, data: bytes) -> None:
         self._sweep_temp_files()

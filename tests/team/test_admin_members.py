@@ -1,5 +1,6 @@
 """The team admin API: members and keys, usage reports, a member's own usage, and a
-database that is not there."""
+database that is not there.  On SQLite and PostgreSQL (tests/team/conftest.py), but for the
+tests that read the SQLite file itself."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from tests.conftest import (
     make_settings,
     message_body,
 )
+
+pytestmark = pytest.mark.backends("sqlite", "postgresql")
 
 ADMIN_KEY = "admin-key-0123456789"
 ADMIN = {"x-api-key": ADMIN_KEY}
@@ -100,6 +103,7 @@ def _database_bytes(data_dir: Path) -> bytes:
 # -- create ---------------------------------------------------------------------------------
 
 
+@pytest.mark.backends("sqlite")
 async def test_create_shows_the_key_once_and_stores_only_its_hash(
     team: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -251,6 +255,7 @@ async def test_admin_routes_disabled_without_admin_key(start_gateway: GatewayFac
 # -- list and get ---------------------------------------------------------------------------
 
 
+@pytest.mark.backends("sqlite")
 async def test_list_and_get(team: Any, tmp_path: Path) -> None:
     alice = await _add(team, "alice", limits={"rpm": 10})
     bob = await _add(team, "bob", channels=["up"])
@@ -373,6 +378,7 @@ async def test_revoke_through_the_cli_reaches_the_running_gateway(team: Any, tmp
     assert await _status_within(team, key, 200) < 1.5
 
 
+@pytest.mark.backends("sqlite")
 async def test_rotate(team: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     old = await _add(team, "alice")
@@ -548,6 +554,7 @@ async def test_me_needs_a_member_key(team: Any) -> None:
 # -- no database ----------------------------------------------------------------------------
 
 
+@pytest.mark.backends("sqlite")
 @pytest.mark.parametrize("where", ["file-in-the-way", "none"])
 async def test_database_unavailable_is_503(
     start_gateway: GatewayFactory, tmp_path: Path, where: str, caplog: pytest.LogCaptureFixture

@@ -1,16 +1,19 @@
-"""The usage recorder: batches of any size, daily totals, bounded queue, retention."""
+"""The usage recorder: batches of any size, daily totals, bounded queue, retention; on
+SQLite and on PostgreSQL (the ``backend`` fixture, tests/team/conftest.py)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import pytest
 
 from ccx_proxy.team import recorder as recorder_module
-from ccx_proxy.team.db import Database, connect, path_in
+from ccx_proxy.team.db import Database
 from ccx_proxy.team.recorder import Record, Recorder, delete_before, write_batch
+from tests.team.conftest import Backend
+
+pytestmark = pytest.mark.backends("sqlite", "postgresql")
 
 
 def record(i: int, ts: float, member: str = "alice", cost: float | None = 0.5) -> Record:
@@ -21,8 +24,8 @@ def record(i: int, ts: float, member: str = "alice", cost: float | None = 0.5) -
 
 
 @pytest.mark.parametrize("count", [1, 2, 255, 256, 257, 600, 1000])
-def test_a_batch_of_any_size_is_written_whole(tmp_path: Path, count: int) -> None:
-    conn = connect(path_in(tmp_path))
+def test_a_batch_of_any_size_is_written_whole(backend: Backend, count: int) -> None:
+    conn = backend.connect()
     now = time.time()
     write_batch(conn, [record(i, now) for i in range(count)])
     assert conn.execute("SELECT count(*), sum(input_tokens), min(request_id) FROM usage").fetchone() == (
@@ -34,8 +37,8 @@ def test_a_batch_of_any_size_is_written_whole(tmp_path: Path, count: int) -> Non
     assert day == (count, 10 * count, 5 * count, pytest.approx(0.5 * count))
 
 
-def test_daily_totals_count_errors_and_unpriced_requests(tmp_path: Path) -> None:
-    conn = connect(path_in(tmp_path))
+def test_daily_totals_count_errors_and_unpriced_requests(backend: Backend) -> None:
+    conn = backend.connect()
     now = time.time()
     failed = record(1, now)._replace(status=529, outcome="error", input_tokens=0)
     write_batch(conn, [record(0, now, cost=None), failed, record(2, now - 86400)])
@@ -48,10 +51,10 @@ def test_daily_totals_count_errors_and_unpriced_requests(tmp_path: Path) -> None
 
 
 def test_retention_deletes_rows_and_keeps_daily_totals(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(recorder_module, "RETENTION_BATCH", 7)
-    conn = connect(path_in(tmp_path))
+    conn = backend.connect()
     now = time.time()
     write_batch(conn, [record(i, now - 100 * 86400) for i in range(30)] + [record(99, now)])
     assert delete_before(conn, now - 90 * 86400) == 30
@@ -74,9 +77,9 @@ async def test_a_full_queue_drops_and_counts(
 
 
 async def test_a_failing_write_is_counted_not_raised(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
-    db = Database(path_in(tmp_path))
+    db = Database(backend.target)
     await db.open()
     try:
         await db.run(lambda conn: conn.execute("DROP TABLE usage_daily"))
@@ -85,20 +88,20 @@ async def test_a_failing_write_is_counted_not_raised(
         with caplog.at_level(logging.ERROR):
             await rec.flush()
         assert rec.dropped == 1 and rec.written == 0
-        assert "usage records lost: 1" in caplog.text and "no such table" in caplog.text
+        assert "usage records lost: 1" in caplog.text and backend.missing_table_words in caplog.text
         rows = await db.run(lambda conn: conn.execute("SELECT count(*) FROM usage").fetchone())
         assert rows == (0,)  # the transaction was rolled back whole
     finally:
         db.close()
 
 
-def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
-    conn = connect(path_in(tmp_path))
-    conn.execute("PRAGMA user_version = 99")
+def test_a_newer_schema_is_refused(backend: Backend) -> None:
+    conn = backend.connect()
+    backend.set_schema_version(conn, 99)
     conn.close()
     from ccx_proxy.team.db import DatabaseError
 
     with pytest.raises(
         DatabaseError, match="schema version 99, newer than this gateway's 1: upgrade ccx-proxy"
     ):
-        connect(path_in(tmp_path))
+        backend.connect()

@@ -1,5 +1,7 @@
 """Members, usage and limits end to end: a gateway with a database, a fake upstream whose
-answers carry known usage, records checked to the token and the cent."""
+answers carry known usage, records checked to the token and the cent.  Every test runs on
+SQLite and on PostgreSQL (tests/team/conftest.py), but for the few that take the SQLite file
+itself apart: their PostgreSQL counterparts are in test_postgres.py."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from ccx_proxy.team import members
 from ccx_proxy.team.members import Limits
 from tests.conftest import AUTH, Reply, channel, make_settings, message_body
 from tests.team.test_meter import DELTA, START, STREAM, sse
+
+pytestmark = [pytest.mark.backends("sqlite", "postgresql"), pytest.mark.usefixtures("backend")]
 
 PRICES = {"up-sonnet": {"input": 3, "output": 15, "cacheWrite5m": 3.75, "cacheWrite1h": 6, "cacheRead": 0.3}}
 # 12 input, 87 output, 300 5m writes, 400 1h writes, 5000 reads at the PRICES above:
@@ -252,6 +256,7 @@ async def test_revoked_and_shared_keys(start_gateway, fake_upstream, tmp_path) -
     assert wrong.status == 401
 
 
+@pytest.mark.backends("sqlite")
 @pytest.mark.parametrize("failure", ["read-only", "deleted", "locked"])
 async def test_a_failing_database_never_fails_a_request(
     start_gateway, fake_upstream, tmp_path, failure
@@ -287,6 +292,7 @@ async def test_a_failing_database_never_fails_a_request(
             blocker.close()
 
 
+@pytest.mark.backends("sqlite")
 async def test_a_database_that_cannot_be_opened_leaves_the_shared_key_working(
     start_gateway, fake_upstream, tmp_path, caplog
 ) -> None:
@@ -301,6 +307,7 @@ async def test_a_database_that_cannot_be_opened_leaves_the_shared_key_working(
     assert _team(client).recorder.dropped == 1
 
 
+@pytest.mark.backends("sqlite")
 async def test_the_key_is_never_stored_in_clear(start_gateway, fake_upstream, tmp_path) -> None:
     client = await _gateway(start_gateway, fake_upstream, tmp_path)
     key = await _member(client, "hana")

@@ -4,7 +4,10 @@ a live test request, and routing previews.
 Every read carries the file's version as an ``ETag``; writes may send it back in
 ``If-Match`` and get a 409 if the file changed meanwhile.  Writes are validated
 like ``check-config``, persisted by :class:`~ccx_proxy.store.ChannelStore` and
-applied at once.
+applied at once.  With ``REDIS_URL`` the file is every instance's copy of one shared
+document (:mod:`ccx_proxy.shared.config`): the version is the same on every host, a
+write is also a compare-and-set in Redis (409 when another instance's edit won,
+503 with ``REDIS_FAILURE=closed`` while Redis is down) and reaches every instance.
 """
 
 from __future__ import annotations

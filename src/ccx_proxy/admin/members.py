@@ -31,7 +31,7 @@ from aiohttp import web
 from ..errors import Conflict, GatewayError, InvalidRequest, NotFound
 from ..state import GATEWAY
 from ..team import members, reports
-from ..team.db import Database, DatabaseError
+from ..team.db import Connection, Database, DatabaseError
 from ..team.members import Member, MemberError
 from ..team.service import Team
 from .api import ADMIN, _body, _json_response
@@ -42,7 +42,7 @@ T = TypeVar("T")
 
 UNAVAILABLE = (
     "the team database is unavailable, so members and usage cannot be read or changed: "
-    "check DATA_DIR and the gateway's log"
+    "check DATA_DIR (or DATABASE_URL) and the gateway's log"
 )
 CREATE_FIELDS = frozenset({"name", "limits", "models", "channels"})
 PATCH_FIELDS = frozenset({"status", "limits", "models", "channels"})
@@ -79,7 +79,7 @@ def _database(team: Team) -> Database:
     return team.db
 
 
-async def _run(team: Team, fn: Callable[[sqlite3.Connection], T]) -> T:
+async def _run(team: Team, fn: Callable[[Connection], T]) -> T:
     """``fn`` on the database thread; member errors as their HTTP errors, a failing
     database as a 503 (logged: the statement's error, never its parameters)."""
     db = _database(team)
@@ -88,7 +88,7 @@ async def _run(team: Team, fn: Callable[[sqlite3.Connection], T]) -> T:
     except MemberError as exc:
         raise _member_error(exc) from None
     except (DatabaseError, sqlite3.Error) as exc:
-        log.error("team database %s: %s", db.path, exc)
+        log.error("team database %s: %s", db.name, exc)
         raise TeamUnavailable(UNAVAILABLE) from None
 
 
@@ -144,7 +144,7 @@ async def list_members(request: web.Request) -> web.Response:
         {
             "members": [team.member_view(m) for m in found],
             "allowSharedKey": team.allow_shared,
-            "database": str(db.path) if db is not None else None,
+            "database": db.name if db is not None else None,
             "databaseOpen": db is not None and db.is_open,
             "usageRecording": team.record_usage,
         }
@@ -189,7 +189,7 @@ async def update_member(request: web.Request) -> web.Response:
     if not body:  # nothing to change: no write
         return _json_response(team.member_view(await _run(team, lambda conn: members.get(conn, name))))
 
-    def change(conn: sqlite3.Connection) -> Member:
+    def change(conn: Connection) -> Member:
         return members.update(
             conn, name, status=status, models=models, channels=channels, limits_patch=body.get("limits")
         )
@@ -287,7 +287,7 @@ async def my_usage(request: web.Request) -> web.Response:
     _database(team)
     query = _query_for(member.name, team)
 
-    def read(conn: sqlite3.Connection) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def read(conn: Connection) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         return reports.run(conn, query), reports.recent_requests(conn, member.name, ME_RECENT)
 
     rows, recent = await _run(team, read)

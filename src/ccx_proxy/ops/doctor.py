@@ -52,6 +52,7 @@ from ..settings import (
     DEFAULT_DATA_DIR,
     DEFAULT_HOST,
     DEFAULT_PORT,
+    RedisSettings,
     Settings,
     SettingsError,
 )
@@ -82,7 +83,8 @@ EPILOG = """\
 Checks, one line each (OK, WARN or FAIL, and the fix):
   PROXY_ACCESS_KEY set and strong, ADMIN_ACCESS_KEY distinct, the other settings valid;
   the channels file (unset ${VAR}s of active channels FAIL, of disabled ones WARN);
-  DATA_DIR writable and its database opening; the port free (or a ccx-proxy on it);
+  DATA_DIR writable and its database opening (or DATABASE_URL's PostgreSQL); the port free;
+  REDIS_URL (when set) answering, fast enough, Redis 6.2+, with a password;
   one count_tokens (or 1-token message) through every active channel;
   on a client machine: ANTHROPIC_BASE_URL, ANTHROPIC_API_KEY / ANTHROPIC_AUTH_TOKEN.
 Exit status: 0 no FAIL (warnings allowed), 1 a FAIL, 2 a usage error.
@@ -168,10 +170,12 @@ def main(args: argparse.Namespace, env: Mapping[str, str] | None = None, out: Te
         report.hide(s for c in config.channels for s in c.secrets)
         report.hide(_proxy_passwords(config, env))
     report.add(*config_checks)
-    data_check, members = check_data_dir(data_dir)
+    database_url = settings.database_url if settings else None
+    data_check, members = check_database_url(database_url) if database_url else check_data_dir(data_dir)
     report.add(data_check)
     report.hide(_client_keys(env))
-    asyncio.run(_network(report, config, host, port, args.timeout, env))
+    redis = settings.redis if settings else None
+    asyncio.run(_network(report, config, host, port, args.timeout, env, redis))
 
     fails, warns = report.count("FAIL"), report.count("WARN")
     report.say("")
@@ -193,9 +197,14 @@ async def _network(
     port: int | None,
     timeout: float,
     env: Mapping[str, str],
+    redis: RedisSettings | None = None,
 ) -> None:
     if port is not None:
         report.add(await check_port(host, port))
+    if redis is not None:
+        from ..shared.check import check as check_redis
+
+        report.add(Check(*await check_redis(redis)))
     if config is not None:
         report.add(*await probe_channels(config.active, timeout))
     report.add(*await client_checks(env))
@@ -423,6 +432,24 @@ def _strings(value: Any) -> Iterable[str]:
 
 
 # -- data directory --------------------------------------------------------------------
+
+
+def check_database_url(url: str) -> tuple[Check, int]:
+    """DATABASE_URL: PostgreSQL answers, the schema is migrated; the number of members."""
+    shown = db.display(url)  # the password masked
+    fix = "start PostgreSQL or fix DATABASE_URL (the gateway runs on the shared keys meanwhile)"
+    try:
+        conn = db.open_connection(url)
+    except db.DatabaseError as exc:
+        return Check("FAIL", "database", str(exc), fix), 0
+    try:
+        members = int(conn.execute("SELECT count(*) FROM members").fetchone()[0])
+    except db.DatabaseError as exc:
+        return Check("FAIL", "database", str(exc), fix), 0
+    finally:
+        conn.close()
+    who = f", {_plural(members, 'member')}" if members else ""
+    return Check("OK", "database", f"{shown} opens (schema version {db.SCHEMA_VERSION}{who})"), members
 
 
 def check_data_dir(data_dir: str) -> tuple[Check, int]:

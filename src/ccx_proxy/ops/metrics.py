@@ -21,7 +21,10 @@ or the ``ADMIN_ACCESS_KEY``; ``METRICS_PUBLIC=true`` opens it; otherwise 401.
 
 ``GET /api/overview`` (admin key) serves the console's Overview: rates, error rate and TTFB
 percentiles over the last minute, computed from the same metric families as ``/metrics``
-(snapshots kept per poll, so it works across workers too).
+(snapshots kept per poll, so it works across workers too).  With ``REDIS_URL``,
+:mod:`ccx_proxy.shared.live` sets :attr:`Exporter.fleet`: the Overview then merges every
+instance's numbers (each process's own, published to Redis), and falls back to this host's
+when Redis is down; it also adds the ``ccx_redis_*`` families through :attr:`Exporter.extra`.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -583,6 +586,15 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
 
 
+class Fleet(Protocol):
+    """Every instance's numbers, merged (:mod:`ccx_proxy.shared.live`, with ``REDIS_URL``)."""
+
+    async def merged(self, mono: float, wall: float) -> tuple[Snapshot | None, dict[str, Any]]:
+        """The merged snapshot (None: Redis is down, show this host's) and the fields the
+        Overview gains (``instances``, ``redis``, ``notice``)."""
+        ...
+
+
 class Overview:
     """A ring of snapshots, one per poll, over the last :attr:`window` seconds."""
 
@@ -693,6 +705,10 @@ class Exporter:
         self.meter = Meter(per_member=flag(env, "METRICS_PER_MEMBER", False))
         self.live = Live(gateway, watcher)
         self.overview = Overview()
+        # More families of this process (the ccx_redis_* ones, set by ccx_proxy.shared.live).
+        self.extra: list[Callable[[], Iterable[Metric]]] = []
+        self.fleet: Fleet | None = None  # REDIS_URL: the Overview shows every instance
+        self._scope = ""  # what the Overview ring holds: "fleet" or "host" (never a mix)
         directory = env.get(MULTIPROC_ENV, "").strip()
         self.directory = directory or None
         self.publisher: Publisher | None = None
@@ -728,14 +744,21 @@ class Exporter:
                 "invalid metrics token: it matches neither METRICS_TOKEN nor the ADMIN_ACCESS_KEY"
             )
 
+    def own_families(self) -> list[Metric]:
+        """This process's families, never the other workers'."""
+        families = build_families(self.meter, self.live)
+        for more in self.extra:
+            families.extend(more())
+        return families
+
     def publish(self) -> None:
         if self.publisher is not None:
-            self.publisher.publish(build_families(self.meter, self.live))
+            self.publisher.publish(self.own_families())
 
     async def families(self) -> list[Metric]:
         """Every family /metrics shows (all workers' with a multiprocess directory)."""
         if self.publisher is None:
-            families = build_families(self.meter, self.live)
+            families = self.own_families()
             if self.process is not None:
                 families.extend(self.process.collect())
             return families
@@ -747,10 +770,21 @@ class Exporter:
         return await asyncio.to_thread(generate_latest, _Families(families))
 
     async def overview_view(self) -> dict[str, Any]:
-        families = await self.families()
-        self.overview.add(Snapshot.of(families, time.monotonic(), time.time()))
+        mono, wall = time.monotonic(), time.time()
+        snap, extra = await self.fleet.merged(mono, wall) if self.fleet is not None else (None, {})
+        scope = "fleet" if snap is not None else "host"
+        if snap is None:
+            snap = Snapshot.of(await self.families(), mono, wall)
+        if scope != self._scope:  # rates between a host's numbers and the fleet's mean nothing
+            self.overview.ring.clear()
+            self._scope = scope
+        self.overview.add(snap)
         view = self.overview.view(self.gateway)
-        view["workers"] = "all" if self.publisher is not None else "this process"
+        if scope == "fleet":
+            view["workers"] = "instances"
+        else:
+            view["workers"] = "all" if self.publisher is not None else "this process"
+        view.update(extra)
         return view
 
     async def run(self) -> None:

@@ -1,12 +1,15 @@
-"""``ccx-proxy members ...`` and ``ccx-proxy usage``: the team database from a shell.
+"""``ccx-proxy members ...``, ``ccx-proxy usage [export]`` and ``ccx-proxy migrate``: the
+team database from a shell.
 
 They open ``DATA_DIR/ccx.db`` directly, also while the gateway runs (WAL: readers never
 wait; a write waits up to :data:`~ccx_proxy.team.db.BUSY_TIMEOUT_S` for the gateway's
-lock).  A running gateway sees a member change within a second (it polls the table's
-version).  A key is printed once, when it is made; afterwards only its prefix exists.
+lock), or, when ``DATABASE_URL`` is set, the PostgreSQL database it names.  A running
+gateway sees a member change within a second (it polls the table's version).  A key is
+printed once, when it is made; afterwards only its prefix exists.
 
-Errors are one line on stderr: exit 1 when the operation cannot be done (no such member,
-name taken, bad value, no database), 2 for a bad command line.
+Errors are one line on stderr (a database URL's password masked): exit 1 when the
+operation cannot be done (no such member, name taken, bad value, no database, a schema
+newer than this ccx-proxy, an export target that is not empty), 2 for a bad command line.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from typing import Any
 
 import orjson
 
-from ..settings import DEFAULT_DATA_DIR
+from ..settings import DEFAULT_DATA_DIR, SettingsError, database_url
 from . import members, reports
-from .db import DatabaseError, connect, path_in
+from .db import Connection, DatabaseError, Target, display, is_url, open_connection, path_in, upgrade
+from .export import BATCH_ROWS, ExportError, export
 from .members import LIMIT_FIELDS, Limits, Member, MemberError
 
 # --flag -> limit name, in the order the help lists them.
@@ -48,7 +52,10 @@ _LIMIT_HELP = {
 }
 CLEARABLE = (*LIMIT_FLAGS, "models", "channels")
 SHOWN_ONCE = "store it now: it is not shown again"
-_DATA_DIR_HELP = f"the gateway's data directory, holding ccx.db (env DATA_DIR, default {DEFAULT_DATA_DIR})"
+_DATA_DIR_HELP = (
+    f"the gateway's data directory, holding ccx.db (env DATA_DIR, default {DEFAULT_DATA_DIR}; "
+    "not used when env DATABASE_URL names a PostgreSQL database)"
+)
 MAX_LIMIT = 10**15
 TOKEN_COLUMNS = ("input_tokens", "output_tokens", "cache_write_5m", "cache_write_1h", "cache_read")
 
@@ -122,16 +129,17 @@ def _limit_options(parser: argparse.ArgumentParser, when_unset: str) -> None:
     )
 
 
-def _data_dir_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", metavar="DIR", help=_DATA_DIR_HELP)
+def _data_dir_option(parser: argparse.ArgumentParser, text: str = _DATA_DIR_HELP) -> None:
+    parser.add_argument("--data-dir", metavar="DIR", help=text)
 
 
 def add_commands(command: Command) -> None:
-    """``members`` and ``usage``, made by ``command(name, help)`` (the main parser's)."""
+    """``members``, ``usage`` and ``migrate``, made by ``command(name, help)`` (the main
+    parser's)."""
     parser = command(
         "members",
-        "add, list, change and remove team members and their keys (in DATA_DIR/ccx.db; "
-        "a running gateway follows within a second)",
+        "add, list, change and remove team members and their keys (in DATA_DIR/ccx.db, or "
+        "DATABASE_URL; a running gateway follows within a second)",
     )
     sub = parser.add_subparsers(
         dest="members_command", required=True, metavar="ACTION", help="what to do (required)"
@@ -166,7 +174,9 @@ def add_commands(command: Command) -> None:
     action("activate", "turn a revoked member's key back on")
     action("delete", "remove a member (their usage stays in reports, under their name)")
 
-    report = command("usage", "usage and cost totals from DATA_DIR/ccx.db, as a table or CSV")
+    report = command(
+        "usage", "usage and cost totals from DATA_DIR/ccx.db (or DATABASE_URL), as a table or CSV"
+    )
     report.add_argument(
         "--by",
         default="member",
@@ -192,6 +202,72 @@ def add_commands(command: Command) -> None:
     report.add_argument("--channel", metavar="NAME", help="only this channel (no env, default all)")
     report.add_argument("--csv", action="store_true", help="print CSV instead of a table (default off)")
     _data_dir_option(report)
+    _export_command(report)
+    _migrate_command(command)
+
+
+def _export_command(report: argparse.ArgumentParser) -> None:
+    verbs = report.add_subparsers(
+        dest="usage_command",
+        metavar="[export]",
+        help="'export --to postgresql://...' copies the SQLite history into PostgreSQL "
+        "(optional; default: print the report)",
+    )
+    text = (
+        "copy members (key hashes only), usage rows, daily totals and members_version from a "
+        "SQLite ccx.db into PostgreSQL, migrating it first"
+    )
+    export = verbs.add_parser(
+        "export",
+        help=text,
+        description=f"ccx-proxy usage export: {text}. All in one transaction: a failed export "
+        "leaves the target as it was, and can be run again.",
+    )
+    export.add_argument(
+        "--to",
+        metavar="URL",
+        help="the PostgreSQL database, postgresql://user:password@host/db (env DATABASE_URL; "
+        "required when that is unset)",
+    )
+    export.add_argument(
+        "--from",
+        dest="source",
+        metavar="PATH",
+        help="the SQLite file to copy (no env, default ccx.db in --data-dir)",
+    )
+    export.add_argument(
+        "--replace",
+        action="store_true",
+        help="delete the target's members, usage rows and daily totals first (default off: a "
+        "target that holds any is refused and nothing is copied)",
+    )
+    export.add_argument(
+        "--batch",
+        type=_batch,
+        default=BATCH_ROWS,
+        metavar="N",
+        help=f"rows per COPY (no env, default {BATCH_ROWS:,})",
+    )
+    _data_dir_option(
+        export,
+        f"the data directory whose ccx.db is copied (env DATA_DIR, default {DEFAULT_DATA_DIR})",
+    )
+
+
+def _migrate_command(command: Command) -> None:
+    migrate = command(
+        "migrate",
+        "apply pending schema migrations to the team database: DATABASE_URL when set, else "
+        "DATA_DIR/ccx.db (the gateway also migrates when it starts)",
+    )
+    _data_dir_option(migrate)
+
+
+def _batch(text: str) -> int:
+    value = _count(text)
+    if not 1 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"a number of rows from 1 to 1,000,000, not {value}")
+    return value
 
 
 # -- running ------------------------------------------------------------------------------
@@ -199,11 +275,20 @@ def add_commands(command: Command) -> None:
 
 def main(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or os.environ.get("DATA_DIR", "").strip() or DEFAULT_DATA_DIR
-    path = path_in(data_dir)
+    target: Target = path_in(data_dir)
     try:
+        url = database_url(os.environ)
+        if args.command == "usage" and getattr(args, "usage_command", None) == "export":
+            return _export(path_in(data_dir), url, args)
+        target = url or target
+        if args.command == "migrate":
+            return _migrate(target)
         if args.command == "usage":
-            return _usage(path, args)
-        return _members(path, args)
+            return _usage(target, args)
+        return _members(target, args)
+    except SettingsError as exc:
+        _error(str(exc))
+        return 2
     except UsageError as exc:
         _error(str(exc))
         return 2
@@ -213,11 +298,11 @@ def main(args: argparse.Namespace) -> int:
     except MemberError as exc:
         _error(exc.message)
         return 1
-    except DatabaseError as exc:
+    except (DatabaseError, ExportError) as exc:
         _error(str(exc))
         return 1
     except sqlite3.Error as exc:
-        _error(f"the database {path}: {exc}")
+        _error(f"the database {display(target)}: {exc}")
         return 1
 
 
@@ -226,15 +311,42 @@ def _error(message: str) -> None:
 
 
 @contextlib.contextmanager
-def _open(path: Path, *, create: bool = False) -> Iterator[sqlite3.Connection]:
-    conn = connect(path, create=create)
+def _open(target: Target, *, create: bool = False) -> Iterator[Connection]:
+    conn = open_connection(target, create=create)
     try:
         yield conn
     finally:
         conn.close()
 
 
-def _members(path: Path, args: argparse.Namespace) -> int:
+def _migrate(target: Target) -> int:
+    before, after = upgrade(target)
+    if before == after:
+        print(f"{display(target)}: schema version {after}, up to date (nothing to do)")
+    else:
+        print(f"migrated {display(target)}: schema version {before} -> {after}")
+    return 0
+
+
+def _export(data_dir_db: Path, env_url: str | None, args: argparse.Namespace) -> int:
+    url = args.to or env_url
+    if not url:
+        raise UsageError("usage export: give --to postgresql://... (or set DATABASE_URL)")
+    if not is_url(url):
+        raise UsageError("usage export: --to must be a postgresql:// URL")
+    source = Path(args.source) if args.source else data_dir_db
+    counts = export(source, url, replace=args.replace, batch=args.batch)
+    print(f"exported {source} to {display(url)} (one transaction)")
+    if counts.replaced:
+        print("  replaced:        the target's earlier members, usage rows and daily totals")
+    print(f"  members:         {counts.members:,} (key hashes and prefixes only)")
+    print(f"  usage rows:      {counts.usage:,}")
+    print(f"  daily totals:    {counts.daily:,}")
+    print(f"  members_version: {counts.members_version}")
+    return 0
+
+
+def _members(path: Target, args: argparse.Namespace) -> int:
     action = args.members_command
     if action == "add":
         limits = members.parse_limits(_given_limits(args))
@@ -275,7 +387,7 @@ def _given_limits(args: argparse.Namespace) -> dict[str, Any]:
     return {field: getattr(args, field) for field in LIMIT_FIELDS if getattr(args, field) is not None}
 
 
-def _set(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
+def _set(conn: Connection, args: argparse.Namespace) -> int:
     raw: dict[str, Any] = _given_limits(args)
     models, channels = args.models, args.channels
     for name in args.clear:
@@ -340,7 +452,7 @@ def _describe(member: Member, spent: tuple[int, float, int, float] | None = None
         print(f"  last used: {_when(member.last_used_at)}")
 
 
-def _spent(conn: sqlite3.Connection) -> dict[str, tuple[int, float, int, float]]:
+def _spent(conn: Connection) -> dict[str, tuple[int, float, int, float]]:
     """Per member: (tokens today, USD today, tokens this month, USD this month), UTC."""
     today = reports.day_of(time.time())
     found: dict[str, list[Any]] = {}
@@ -353,7 +465,7 @@ def _spent(conn: sqlite3.Connection) -> dict[str, tuple[int, float, int, float]]
     return {name: (int(v[0]), float(v[1]), int(v[2]), float(v[3])) for name, v in found.items()}
 
 
-def _list_members(conn: sqlite3.Connection, as_json: bool) -> int:
+def _list_members(conn: Connection, as_json: bool) -> int:
     found = members.list_all(conn)
     spent = _spent(conn)
     if as_json:
@@ -403,7 +515,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
         print("  ".join(cells).rstrip())
 
 
-def _usage(path: Path, args: argparse.Namespace) -> int:
+def _usage(path: Target, args: argparse.Namespace) -> int:
     raw = {
         "groupBy": args.by,
         "since": args.since or "",

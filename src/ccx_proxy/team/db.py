@@ -8,17 +8,21 @@ schema's version is ``PRAGMA user_version``; each entry of :data:`MIGRATIONS` ta
 schema one version up, in one transaction.
 
 In the gateway every statement runs on one thread of its own (:class:`Database`): the
-event loop only ever awaits a future.  The CLI uses :func:`connect` directly.
+event loop only ever awaits a future.  The CLI uses :func:`open_connection` directly.
+
+With ``DATABASE_URL=postgresql://...`` the same schema and statements live in PostgreSQL
+instead (:mod:`ccx_proxy.team.pg`): a database *target* is a path (SQLite) or such a URL,
+and the code above the :class:`Connection` interface does not know which.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -92,15 +96,94 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class DatabaseError(Exception):
-    """The database cannot be opened or is newer than this gateway; one line for humans."""
+    """The database cannot be opened or is newer than this gateway, or (PostgreSQL) a
+    statement failed; one line for humans, never a password."""
+
+
+class Cursor(Protocol):
+    """What ``execute`` returns: the part of ``sqlite3.Cursor`` the team code uses."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    @property
+    def description(self) -> Any: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Connection(Protocol):
+    """The part of ``sqlite3.Connection`` the team code uses; :class:`~.pg.PgConnection`
+    gives PostgreSQL the same."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Cursor: ...
+
+    def executemany(self, sql: str, seq_of_parameters: Iterable[Sequence[Any]], /) -> Cursor: ...
+
+    def close(self) -> None: ...
+
+
+Target = str | Path  # a SQLite file, or a postgresql:// URL
+
+
+def dialect(conn: Connection) -> str:
+    """``sqlite`` or ``postgresql``: for the few statements the two spell differently."""
+    return str(getattr(conn, "dialect", "sqlite"))
+
+
+def is_url(target: Target) -> bool:
+    """Whether ``target`` is a PostgreSQL URL rather than a file."""
+    from . import pg
+
+    return pg.is_url(target)
+
+
+def display(target: Target) -> str:
+    """How a target may be named in a message: a path, or a URL with its password masked."""
+    from . import pg
+
+    return pg.mask(str(target)) if pg.is_url(target) else str(target)
+
+
+def newer_schema(version: int) -> DatabaseError:
+    return DatabaseError(
+        f"the database is at schema version {version}, newer than this gateway's "
+        f"{SCHEMA_VERSION}: upgrade ccx-proxy"
+    )
 
 
 def path_in(data_dir: str | Path) -> Path:
     return Path(data_dir) / FILENAME
 
 
+def open_connection(target: Target, *, create: bool = True) -> Connection:
+    """An open, migrated connection to a SQLite file or a PostgreSQL URL."""
+    if is_url(target):
+        from . import pg
+
+        return pg.connect(str(target))
+    return connect(target, create=create)
+
+
 def connect(path: str | Path, *, create: bool = True) -> sqlite3.Connection:
-    """An open, migrated connection (autocommit off: callers commit)."""
+    """An open, migrated SQLite connection (autocommit off: callers commit)."""
+    conn = _open_sqlite(path, create)
+    try:
+        migrate(conn)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise DatabaseError(f"cannot open the database {path}: {exc}") from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _open_sqlite(path: str | Path, create: bool) -> sqlite3.Connection:
     path = Path(path)
     if create:
         try:
@@ -111,24 +194,45 @@ def connect(path: str | Path, *, create: bool = True) -> sqlite3.Connection:
         raise DatabaseError(f"no database at {path} (start the gateway once, or check DATA_DIR)")
     try:
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise DatabaseError(f"cannot open the database {path}: {exc}") from None
+    try:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")  # the page cache's bound, in KiB
         conn.execute("PRAGMA foreign_keys=ON")
-        migrate(conn)
     except sqlite3.Error as exc:
+        conn.close()
         raise DatabaseError(f"cannot open the database {path}: {exc}") from None
     return conn
+
+
+def upgrade(target: Target) -> tuple[int, int]:
+    """``ccx-proxy migrate``: apply the pending migrations; (from, to) schema versions."""
+    if is_url(target):
+        from . import pg
+
+        conn = pg.PgConnection(str(target))
+        try:
+            conn.open()
+            return pg.migrate(conn)
+        finally:
+            conn.close()
+    sqlite = _open_sqlite(target, True)
+    try:
+        before = int(sqlite.execute("PRAGMA user_version").fetchone()[0])
+        return before, migrate(sqlite)
+    except sqlite3.Error as exc:
+        raise DatabaseError(f"cannot migrate the database {target}: {exc}") from None
+    finally:
+        sqlite.close()
 
 
 def migrate(conn: sqlite3.Connection) -> int:
     """Apply the migrations the file lacks; the schema version it ends at."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
-        raise DatabaseError(
-            f"the database is at schema version {version}, newer than this gateway's "
-            f"{SCHEMA_VERSION}: upgrade ccx-proxy"
-        )
+        raise newer_schema(version)
     for number in range(version, SCHEMA_VERSION):
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -148,12 +252,18 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 
 class Database:
-    """One connection on one thread of its own: statements never run on the event loop."""
+    """One connection on one thread of its own: statements never run on the event loop.
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    ``target``: a SQLite file, or a PostgreSQL URL (``name`` is what messages show: the
+    path, or the URL with its password masked; ``path`` is None for PostgreSQL)."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.url = str(target) if is_url(target) else None
+        self.path = None if self.url else Path(target)
+        self.name = display(target)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccx-db")
-        self._conn: sqlite3.Connection | None = None
+        self._conn: Connection | None = None
 
     @property
     def is_open(self) -> bool:
@@ -161,16 +271,16 @@ class Database:
 
     async def open(self) -> None:
         """Connect and migrate (on the database thread); raises :class:`DatabaseError`."""
-        self._conn = await self.run_raw(lambda: connect(self.path))
+        self._conn = await self.run_raw(lambda: open_connection(self.target))
 
     async def run_raw(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def run(self, fn: Callable[[Connection], T]) -> T:
         """``fn(connection)`` on the database thread."""
         conn = self._conn
         if conn is None:
-            raise DatabaseError(f"the database {self.path} is not open")
+            raise DatabaseError(f"the database {self.name} is not open")
         return await self.run_raw(lambda: fn(conn))
 
     def close(self) -> None:
@@ -180,8 +290,10 @@ class Database:
         self._executor.shutdown(wait=True)
 
 
-def transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
-    """``fn`` inside BEGIN IMMEDIATE ... COMMIT (rolled back if it raises)."""
+def transaction(conn: Connection, fn: Callable[[Connection], T]) -> T:
+    """``fn`` inside BEGIN IMMEDIATE ... COMMIT (rolled back if it raises).  SQLite: the
+    database's write lock is taken at once; PostgreSQL: READ COMMITTED (see
+    :mod:`~ccx_proxy.team.pg`: writers that must exclude each other lock a row)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         result = fn(conn)

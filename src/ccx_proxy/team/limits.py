@@ -11,7 +11,9 @@
 A rate limit is a ``429 rate_limit_error`` with ``Retry-After``; a spent budget is a
 ``429`` with ``x-should-retry: false`` and ``Retry-After`` until the reset; a model or
 channel the member may not use is a ``403 permission_error``.  With ``--workers N`` every
-worker keeps its own counters (limits per worker; the startup log says so).
+worker keeps its own counters (limits per worker; the startup log says so), unless
+``REDIS_URL`` is set: then :mod:`ccx_proxy.shared.limits` counts in Redis, for every worker
+and host, and this limiter is its fallback.
 """
 
 from __future__ import annotations
@@ -82,6 +84,11 @@ class Limiter:
             self._day_start = self._day_end - 86400
             self._month_end = _next_month(now)
         return self._day
+
+    def period(self, now: float) -> tuple[str, float, float]:
+        """The UTC day of ``now`` (``YYYY-MM-DD``), when it ends and when its month ends."""
+        day = self._today(now)
+        return day, self._day_end, self._month_end
 
     # -- what is spent -------------------------------------------------------------------
 

@@ -8,8 +8,12 @@ hash to :class:`Member` held in memory and swapped whole when the member table c
 request.  A SHA-256 lookup leaks nothing useful through timing (the hash of a guess
 says nothing about the hash of the key).
 
-The functions below take a ``sqlite3.Connection`` and are shared by the admin API (on
-the database thread) and the CLI (directly), so that all three ways agree.
+The functions below take a :class:`~.db.Connection` (SQLite or PostgreSQL) and are shared
+by the admin API (on the database thread) and the CLI (directly), so that all three ways
+agree.  Every write bumps ``members_version`` inside a transaction that excludes other
+member writes (SQLite: its write lock; PostgreSQL: the ``members_version`` row, locked
+first), so a check ("is the name free?") and the write it guards cannot interleave with
+another process's.
 """
 
 from __future__ import annotations
@@ -17,16 +21,15 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
 from ..mapping import Allowlist, pattern_problem
-from .db import transaction
+from .db import Connection, dialect, transaction
 
 KEY_PREFIX = "ccx-"
 SHARED = "shared"  # PROXY_ACCESS_KEY / EXTRA_PROXY_ACCESS_KEYS are accounted as this member
@@ -169,7 +172,7 @@ def check_name(name: Any) -> str:
     return name
 
 
-def _member(row: sqlite3.Row | tuple[Any, ...]) -> tuple[str, Member]:
+def _member(row: Sequence[Any]) -> tuple[str, Member]:
     name, digest, prefix, status, limits, models, channels, created, updated, used = row
     model_patterns = tuple(orjson.loads(models))
     member = Member(
@@ -192,7 +195,7 @@ _COLUMNS = (
 )
 
 
-def load_all(conn: sqlite3.Connection) -> tuple[int, dict[str, Member]]:
+def load_all(conn: Connection) -> tuple[int, dict[str, Member]]:
     """(members_version, {key hash: member}) in one read transaction."""
     conn.execute("BEGIN")
     try:
@@ -203,27 +206,41 @@ def load_all(conn: sqlite3.Connection) -> tuple[int, dict[str, Member]]:
     return version, dict(_member(row) for row in rows)
 
 
-def members_version(conn: sqlite3.Connection) -> int:
+def members_version(conn: Connection) -> int:
     return int(conn.execute("SELECT value FROM meta WHERE key = 'members_version'").fetchone()[0])
 
 
-def get(conn: sqlite3.Connection, name: str) -> Member:
+def get(conn: Connection, name: str) -> Member:
     row = conn.execute(f"SELECT {_COLUMNS} FROM members WHERE name = ?", (name,)).fetchone()
     if row is None:
         raise MemberError(f"no member named {name!r}", 404)
     return _member(row)[1]
 
 
-def list_all(conn: sqlite3.Connection) -> list[Member]:
+def list_all(conn: Connection) -> list[Member]:
     return [_member(row)[1] for row in conn.execute(f"SELECT {_COLUMNS} FROM members ORDER BY name")]
 
 
-def _bump(conn: sqlite3.Connection) -> None:
+def _bump(conn: Connection) -> None:
     conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'members_version'")
 
 
+T = TypeVar("T")
+
+
+def _write(conn: Connection, fn: Callable[[Connection], T]) -> T:
+    """``fn`` in a transaction no other member write runs beside (see the module's docstring)."""
+
+    def locked(conn: Connection) -> T:
+        if dialect(conn) == "postgresql":
+            conn.execute("SELECT value FROM meta WHERE key = 'members_version' FOR UPDATE")
+        return fn(conn)
+
+    return transaction(conn, locked)
+
+
 def add(
-    conn: sqlite3.Connection,
+    conn: Connection,
     name: str,
     limits: Limits | None = None,
     models: Iterable[str] = (),
@@ -234,7 +251,7 @@ def add(
     key = new_key()
     now = time.time()
 
-    def write(conn: sqlite3.Connection) -> None:
+    def write(conn: Connection) -> None:
         if conn.execute("SELECT 1 FROM members WHERE name = ?", (name,)).fetchone():
             raise MemberError(f"a member named {name!r} exists already", 409)
         conn.execute(
@@ -252,12 +269,12 @@ def add(
         )
         _bump(conn)
 
-    transaction(conn, write)
+    _write(conn, write)
     return get(conn, name), key
 
 
 def update(
-    conn: sqlite3.Connection,
+    conn: Connection,
     name: str,
     *,
     status: str | None = None,
@@ -271,7 +288,7 @@ def update(
     if status is not None and status not in STATUSES:
         raise MemberError(f"status: must be one of {', '.join(STATUSES)}")
 
-    def write(conn: sqlite3.Connection) -> None:
+    def write(conn: Connection) -> None:
         current = get(conn, name)
         new_limits = parse_limits(limits_patch, base=current.limits) if limits_patch is not None else limits
         conn.execute(
@@ -288,15 +305,15 @@ def update(
         )
         _bump(conn)
 
-    transaction(conn, write)
+    _write(conn, write)
     return get(conn, name)
 
 
-def rotate(conn: sqlite3.Connection, name: str) -> tuple[Member, str]:
+def rotate(conn: Connection, name: str) -> tuple[Member, str]:
     """A new key for ``name``; the old one stops working at the next index refresh."""
     key = new_key()
 
-    def write(conn: sqlite3.Connection) -> None:
+    def write(conn: Connection) -> None:
         get(conn, name)
         conn.execute(
             "UPDATE members SET key_hash = ?, key_prefix = ?, updated_at = ? WHERE name = ?",
@@ -304,19 +321,19 @@ def rotate(conn: sqlite3.Connection, name: str) -> tuple[Member, str]:
         )
         _bump(conn)
 
-    transaction(conn, write)
+    _write(conn, write)
     return get(conn, name), key
 
 
-def delete(conn: sqlite3.Connection, name: str) -> None:
+def delete(conn: Connection, name: str) -> None:
     """Remove the member (their usage rows stay, under their name)."""
 
-    def write(conn: sqlite3.Connection) -> None:
+    def write(conn: Connection) -> None:
         if conn.execute("DELETE FROM members WHERE name = ?", (name,)).rowcount == 0:
             raise MemberError(f"no member named {name!r}", 404)
         _bump(conn)
 
-    transaction(conn, write)
+    _write(conn, write)
 
 
 class MemberIndex:

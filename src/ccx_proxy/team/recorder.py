@@ -15,11 +15,23 @@ import asyncio
 import functools
 import itertools
 import logging
-import sqlite3
 import time
 from typing import NamedTuple
 
-from .db import Database, transaction
+from .db import Connection, Database, dialect, transaction
+
+# The summed columns of usage_daily (after its key: day, member, model, channel).
+DAILY_TOTALS = (
+    "requests",
+    "errors",
+    "input_tokens",
+    "output_tokens",
+    "cache_write_5m",
+    "cache_write_1h",
+    "cache_read",
+    "cost_usd",
+    "unpriced",
+)
 
 log = logging.getLogger("ccx_proxy.usage")
 
@@ -85,14 +97,15 @@ _DAILY = (
     "output_tokens, cache_write_5m, cache_write_1h, cache_read, cost_usd, unpriced) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (day, member, model, channel) DO UPDATE SET "
-    "requests = requests + excluded.requests, errors = errors + excluded.errors, "
-    "input_tokens = input_tokens + excluded.input_tokens, "
-    "output_tokens = output_tokens + excluded.output_tokens, "
-    "cache_write_5m = cache_write_5m + excluded.cache_write_5m, "
-    "cache_write_1h = cache_write_1h + excluded.cache_write_1h, "
-    "cache_read = cache_read + excluded.cache_read, "
-    "cost_usd = cost_usd + excluded.cost_usd, unpriced = unpriced + excluded.unpriced"
+    # The stored row named by its table: PostgreSQL finds a bare ``requests`` ambiguous
+    # beside ``excluded.requests`` (SQLite reads both spellings the same).
+    + ", ".join(f"{c} = usage_daily.{c} + excluded.{c}" for c in DAILY_TOTALS)
 )
+# A member's last use only moves forward (two-argument max: SQLite's max, PostgreSQL's greatest).
+_LAST_USED = {
+    name: f"UPDATE members SET last_used_at = {fn}(coalesce(last_used_at, 0), ?) WHERE name = ?"
+    for name, fn in (("sqlite", "max"), ("postgresql", "greatest"))
+}
 
 
 _DAYS: dict[int, str] = {}
@@ -109,8 +122,10 @@ def daily_key(record: Record) -> tuple[str, str, str, str]:
     return day, record.member, model, record.channel or ""
 
 
-def write_batch(conn: sqlite3.Connection, records: list[Record]) -> None:
-    """Rows, daily totals and last use, in one transaction."""
+def write_batch(conn: Connection, records: list[Record]) -> None:
+    """Rows, daily totals and last use, in one transaction.  The daily totals and members
+    are updated in key order: two processes writing batches at once (PostgreSQL: row
+    locks, not one database lock) then lock rows in the same order and never deadlock."""
     daily: dict[tuple[str, str, str, str], list[float]] = {}
     last_used: dict[str, float] = {}
     for record in records:
@@ -130,7 +145,7 @@ def write_batch(conn: sqlite3.Connection, records: list[Record]) -> None:
             totals[8] += 1
         last_used[record.member] = max(last_used.get(record.member, 0.0), record.ts)
 
-    def write(conn: sqlite3.Connection) -> None:
+    def write(conn: Connection) -> None:
         start = 0
         while start < len(records):
             # 256 rows at a time, the rest in powers of two: at most 9 distinct statements
@@ -140,16 +155,13 @@ def write_batch(conn: sqlite3.Connection, records: list[Record]) -> None:
             part = records[start : start + size]
             conn.execute(_insert(size), list(itertools.chain.from_iterable(part)))
             start += size
-        conn.executemany(_DAILY, [(*key, *totals) for key, totals in daily.items()])
-        conn.executemany(
-            "UPDATE members SET last_used_at = max(coalesce(last_used_at, 0), ?) WHERE name = ?",
-            [(ts, name) for name, ts in last_used.items()],
-        )
+        conn.executemany(_DAILY, [(*key, *totals) for key, totals in sorted(daily.items())])
+        conn.executemany(_LAST_USED[dialect(conn)], [(ts, name) for name, ts in sorted(last_used.items())])
 
     transaction(conn, write)
 
 
-def delete_before(conn: sqlite3.Connection, cutoff: float) -> int:
+def delete_before(conn: Connection, cutoff: float) -> int:
     """Per-request rows older than ``cutoff`` (daily totals stay), in bounded batches."""
     total = 0
     while True:
@@ -212,8 +224,8 @@ class Recorder:
             return
         try:
             await db.run(lambda conn: write_batch(conn, batch))
-        except Exception as exc:  # sqlite3.Error, OSError: never the request's problem
-            self._lost(len(batch), f"writing to {db.path} failed: {exc}")
+        except Exception as exc:  # sqlite3.Error, DatabaseError, OSError: never the request's problem
+            self._lost(len(batch), f"writing to {db.name} failed: {exc}")
             return
         self.written += len(batch)
 

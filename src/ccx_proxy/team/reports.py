@@ -12,24 +12,16 @@ import calendar
 import csv
 import io
 import re
-import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .db import Connection
+from .recorder import DAILY_TOTALS
+
 GROUPS = ("day", "member", "model", "channel")
-COLUMNS = (
-    "requests",
-    "errors",
-    "input_tokens",
-    "output_tokens",
-    "cache_write_5m",
-    "cache_write_1h",
-    "cache_read",
-    "cost_usd",
-    "unpriced",
-)
+COLUMNS = DAILY_TOTALS
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 _SINCE = re.compile(r"(\d{1,4})d")
 MAX_DAYS = 3660
@@ -93,7 +85,7 @@ def parse_query(
     )
 
 
-def run(conn: sqlite3.Connection, query: Query) -> list[dict[str, Any]]:
+def run(conn: Connection, query: Query) -> list[dict[str, Any]]:
     """The grouped totals, ordered by the group columns (days ascending)."""
     where = ["day >= ?", "day <= ?"]
     params: list[Any] = [query.start, query.end]
@@ -136,7 +128,7 @@ def to_csv(rows: Sequence[dict[str, Any]], group_by: Sequence[str]) -> str:
     return out.getvalue()
 
 
-def recent_requests(conn: sqlite3.Connection, member: str | None, limit: int = 50) -> list[dict[str, Any]]:
+def recent_requests(conn: Connection, member: str | None, limit: int = 50) -> list[dict[str, Any]]:
     """The latest per-request rows (newest first), for the console and ``/api/me/usage``."""
     sql = (
         "SELECT ts, request_id, member, session, endpoint, channel, key_id, model, upstream_model, stream, "

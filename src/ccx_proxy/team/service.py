@@ -16,14 +16,17 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..auth import AccessKeys
 from ..errors import AuthenticationFailed, PermissionDenied
 from ..headers import client_key, mask_secret
 from ..routing import Candidate
-from .db import Database, DatabaseError, path_in
+from .db import Connection, Database, DatabaseError, path_in
 from .limits import Limiter, utc_day
+
+if TYPE_CHECKING:
+    from ..shared.limits import SharedLimiter
 from .members import SHARED_MEMBER, Member, MemberIndex, load_all, members_version
 from .meter import Usage, UsageMeter
 from .prices import PriceTable
@@ -32,6 +35,7 @@ from .recorder import Record, Recorder
 log = logging.getLogger("ccx_proxy.team")
 
 POLL_INTERVAL = 0.5
+REOPEN_INTERVAL = 5.0  # a PostgreSQL server not reachable at start: tried again this often
 _MASKS: dict[str, str] = {}  # upstream key -> its mask (bounded: cleared when large)
 CLIENT_CLOSED = 499  # the status recorded when the client left before any answer (nginx's)
 
@@ -87,6 +91,7 @@ class Ticket:
         "meter",
         "prices",
         "admitted",
+        "slot",
         "trace",
     )
 
@@ -111,6 +116,7 @@ class Ticket:
         self.meter: UsageMeter | None = None
         self.prices: tuple[PriceTable, ...] = ()
         self.admitted = False
+        self.slot: str | None = None  # the Redis concurrency slot held (ccx_proxy.shared.limits)
         self.trace: list[Any] | None = None  # failover.AttemptTrace per attempt, when tracing
 
     @property
@@ -121,7 +127,7 @@ class Ticket:
         return self.outcome
 
 
-def _budget_totals(conn: sqlite3.Connection, day: str) -> dict[str, tuple[int, float, int, float]]:
+def _budget_totals(conn: Connection, day: str) -> dict[str, tuple[int, float, int, float]]:
     tokens = "input_tokens + output_tokens + cache_write_5m + cache_write_1h + cache_read"
     rows = conn.execute(
         f"SELECT member, sum(CASE WHEN day = ? THEN {tokens} ELSE 0 END), "
@@ -145,14 +151,18 @@ class Team:
         retention_days: int = 90,
         clock: Callable[[], float] = time.time,
         flush_interval: float = 0.5,
+        database_url: str | None = None,
     ) -> None:
         self.access_keys = access_keys
-        self.db = Database(path_in(data_dir)) if data_dir else None
+        # DATABASE_URL (PostgreSQL) when set, else DATA_DIR/ccx.db; neither: no database.
+        target = database_url or (path_in(data_dir) if data_dir else None)
+        self.db = Database(target) if target else None
         self.allow_shared = allow_shared
         self.record_usage = record_usage
         self.clock = clock
         self.index = MemberIndex()
         self.limiter = Limiter(clock)
+        self.shared_limits: SharedLimiter | None = None  # REDIS_URL: limits across the fleet
         self.recorder = Recorder(self.db if record_usage else None, flush_interval, retention_days)
         self._tasks: list[asyncio.Task[None]] = []
         # Called with every request's Record when it ends (on the loop): ccx_proxy.ops.
@@ -165,27 +175,49 @@ class Team:
 
     async def start(self) -> None:
         """Open the database and load members and budgets; a database that cannot be
-        opened is logged and the gateway runs on (shared keys only, usage not kept)."""
-        if self.db is None:
+        opened is logged and the gateway runs on (shared keys only, usage not kept).  A
+        PostgreSQL server (DATABASE_URL) is a network service that may come up after the
+        gateway: it is tried again every :data:`REOPEN_INTERVAL` s until it answers."""
+        db = self.db
+        if db is None:
             return
         try:
-            await self.db.open()
-            await self.refresh(force=True)
-            totals = await self.db.run(lambda conn: _budget_totals(conn, utc_day(self.clock())))
-            self.limiter.load(totals, self.clock())
+            await self._open(db)
         except (DatabaseError, sqlite3.Error, OSError) as exc:
             log.error("team database unavailable, running with the shared keys only: %s", exc)
+            if db.url is not None:
+                self._tasks = [asyncio.get_running_loop().create_task(self._reopen(db))]
             return
+        self._opened(db)
+
+    async def _open(self, db: Database) -> None:
+        if not db.is_open:
+            await db.open()
+        await self.refresh(force=True)
+        totals = await db.run(lambda conn: _budget_totals(conn, utc_day(self.clock())))
+        self.limiter.load(totals, self.clock())
+
+    def _opened(self, db: Database) -> None:
         log.info(
             "team database %s: %d member(s)%s",
-            self.db.path,
+            db.name,
             len(self.index),
             "" if self.record_usage else "; usage recording off (USAGE_RECORDING=false)",
         )
-        self._tasks = [
+        self._tasks += [
             asyncio.get_running_loop().create_task(self._poll()),
             asyncio.get_running_loop().create_task(self.recorder.run()),
         ]
+
+    async def _reopen(self, db: Database) -> None:
+        while True:
+            await asyncio.sleep(REOPEN_INTERVAL)
+            try:
+                await self._open(db)
+            except (DatabaseError, sqlite3.Error, OSError):
+                continue  # said once at start; the gateway runs on meanwhile
+            self._opened(db)
+            return
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -197,6 +229,13 @@ class Team:
         await self.recorder.flush()
         if self.db is not None:
             await asyncio.to_thread(self.db.close)
+
+    async def budget_totals(self) -> dict[str, tuple[int, float, int, float]]:
+        """Today's and this month's spend per member, as the database has it (seeds Redis)."""
+        db = self.db
+        if db is None or not db.is_open:
+            return {}
+        return await db.run(lambda conn: _budget_totals(conn, utc_day(self.clock())))
 
     async def refresh(self, force: bool = False) -> bool:
         """Reload the member index if the table changed; whether it did."""
@@ -248,15 +287,25 @@ class Team:
             )
         return SHARED_MEMBER
 
-    def admit(self, ticket: Ticket) -> None:
+    async def admit(self, ticket: Ticket) -> None:
         """The member's limits let the request in (or raise); every ticket then goes to
-        :meth:`finish`, admitted or not (a refusal is recorded too)."""
-        self.limiter.admit(ticket.member)
+        :meth:`finish`, admitted or not (a refusal is recorded too).  With ``REDIS_URL`` a
+        limited member is counted in Redis, across every worker and host."""
+        member = ticket.member
+        if not member.limited:
+            ticket.admitted = True
+            return
+        shared = self.shared_limits
+        if shared is None:
+            self.limiter.admit(member)
+        else:
+            ticket.slot = await shared.admit(member)
         ticket.admitted = True
 
     def finish(self, ticket: Ticket) -> None:
         member = ticket.member
-        if ticket.admitted:
+        shared = self.shared_limits
+        if ticket.admitted and member.limited and shared is None:
             self.limiter.release(member)
         now = self.clock()
         usage = ticket.meter.usage if ticket.meter is not None else Usage()
@@ -269,7 +318,12 @@ class Team:
                     cost = price.cost(usage)
                     break
         tokens = usage.total
-        if tokens or cost:
+        if shared is not None:
+            # One command in Redis: the concurrency slot back (if the request held one) and
+            # the spend added (unlimited members too: a budget set later counts from today).
+            slot = ticket.slot if ticket.admitted and member.limited else ""
+            shared.finish(member, slot, tokens, cost, now)
+        elif tokens or cost:
             self.limiter.spend(member.name, tokens, cost, now)
         observers = self.observers
         if not self.record_usage and not observers and self.tracer is None:

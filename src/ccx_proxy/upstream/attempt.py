@@ -16,7 +16,7 @@ from __future__ import annotations
 from enum import Enum
 
 from ..config import Channel
-from ..health import ChannelHealth, HealthRegistry, KeyHealth
+from ..health import BreakerState, ChannelHealth, HealthRegistry, KeyHealth
 
 OUTCOMES = ("success", "failed", "overloaded", "rate_limited", "rejected")
 SUCCESS, FAILED, OVERLOADED, RATE_LIMITED, REJECTED = range(len(OUTCOMES))
@@ -41,7 +41,7 @@ class Next(Enum):
 
 
 class Attempt:
-    __slots__ = ("channel", "health", "key", "api_key", "model", "_registry", "_open")
+    __slots__ = ("channel", "health", "key", "api_key", "model", "claim", "_registry", "_open")
 
     def __init__(
         self,
@@ -59,6 +59,9 @@ class Attempt:
         self.model = model  # the upstream model name: 429 cool-downs are per (key, model)
         self._registry = registry
         self._open = False
+        # A half-open probe's claim across the fleet (ccx_proxy.shared.health): given back
+        # however the attempt ends.
+        self.claim: tuple[str, str] | None = None
 
     def acquire(self, now: float, *, panic: bool = False) -> bool:
         """Claim the breakers' passes; ``panic`` sends the request even past soft
@@ -79,6 +82,15 @@ class Attempt:
         """Response headers arrived with a status the client gets: the upstream is alive."""
         _counts(self.channel.name)[SUCCESS] += 1
         health = self.health
+        sync = self._registry.sync
+        if sync is not None and (
+            health.breaker.state is not BreakerState.CLOSED or health.backoff_until
+        ):  # a probe got through: every instance closes the channel's breaker
+            sync.closed(self.channel.name, None)
+        if sync is not None and self.key.breaker.state is not BreakerState.CLOSED:
+            sync.closed(self.channel.name, self.api_key)
+        if self.claim is not None:
+            self._unclaim()
         health.breaker.success()
         self.key.breaker.success()
         health.successes += 1
@@ -95,23 +107,44 @@ class Attempt:
         _counts(self.channel.name)[FAILED] += 1
         self._failed(message)
 
+    def _unclaim(self) -> None:
+        claim, self.claim = self.claim, None
+        if claim is not None and self._registry.sync is not None:
+            self._registry.sync.release_probe(*claim)
+
     def _failed(self, message: str) -> None:
+        if self.claim is not None:
+            self._unclaim()
         now = self._registry.clock()
-        self.health.breaker.failure(now)
-        self.key.breaker.failure(now)
+        channel, key = self.health.breaker, self.key.breaker
+        was = channel.state, key.state, channel.open_until, key.open_until
+        channel.failure(now)
+        key.failure(now)
         self.health.last_error = message
         self._open = False
+        sync = self._registry.sync
+        if sync is not None:  # a breaker (re)opened here: it opens on every instance
+            if channel.state is BreakerState.OPEN and (was[0], was[2]) != (channel.state, channel.open_until):
+                sync.opened(self.channel.name, None, channel.open_until)
+            if key.state is BreakerState.OPEN and (was[1], was[3]) != (key.state, key.open_until):
+                sync.opened(self.channel.name, self.api_key, key.open_until)
 
     def overloaded(self, seconds: float, message: str) -> None:
         """529: the channel backs off for ``seconds``."""
         _counts(self.channel.name)[OVERLOADED] += 1
         self._failed(message)
         self.health.backoff_until = self._registry.clock() + seconds
+        if self._registry.sync is not None:
+            self._registry.sync.overloaded(self.channel.name, self.health.backoff_until)
 
     def rate_limited(self, seconds: float, message: str) -> None:
         """429: this key cools down for this model only (Anthropic limits per model)."""
         _counts(self.channel.name)[RATE_LIMITED] += 1
         self.key.cool_down(self.model, self._registry.clock() + seconds)
+        if self._registry.sync is not None:
+            self._registry.sync.cooled(
+                self.channel.name, self.api_key, self.model, self._registry.clock() + seconds
+            )
         self.key.last_error = message
         self.health.last_error = message
         self.release()
@@ -121,11 +154,15 @@ class Attempt:
         _counts(self.channel.name)[REJECTED] += 1
         self.key.disabled = True
         self.key.last_error = message
+        if self._registry.sync is not None:
+            self._registry.sync.rejected(self.channel.name, self.api_key)
         self.health.last_error = message
         self.release()
 
     def release(self) -> None:
         """The attempt ended without a verdict on the upstream (e.g. the client left)."""
+        if self.claim is not None:
+            self._unclaim()
         if self._open:
             self._open = False
             self.health.breaker.release()
@@ -133,4 +170,21 @@ class Attempt:
 
     def broke_off(self) -> None:
         """After headers: the stream stalled or was cut."""
-        self.health.breaker.failure(self._registry.clock())
+        breaker = self.health.breaker
+        was = breaker.state, breaker.open_until
+        breaker.failure(self._registry.clock())
+        sync = self._registry.sync
+        if (
+            sync is not None
+            and breaker.state is BreakerState.OPEN
+            and was != (breaker.state, breaker.open_until)
+        ):
+            sync.opened(self.channel.name, None, breaker.open_until)
+
+    @property
+    def probing(self) -> bool:
+        """Whether this attempt is a half-open probe (of the channel's or the key's breaker)."""
+        return (
+            self.health.breaker.state is BreakerState.HALF_OPEN
+            or self.key.breaker.state is BreakerState.HALF_OPEN
+        )

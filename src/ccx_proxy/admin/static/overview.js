@@ -1,6 +1,8 @@
 // The Overview page: requests per second, error rate, time to first byte (p50, p95) per
 // channel and the streams in flight, over the last minute. Admin API: GET /api/overview,
 // computed from the same numbers GET /metrics serves; polled every 2 s while in view.
+// With REDIS_URL the numbers are every gateway instance's, merged (the count of instances
+// reporting is shown); while Redis is down, this host's alone, with a notice saying so.
 
 import { $, announce, esc, fmtInt, request, session } from "./core.js";
 
@@ -63,13 +65,26 @@ async function load() {
 
 // ------------------------------------------------------------ render
 
+/** With REDIS_URL: how many instances report (their ids in the tooltip), or the notice
+ *  that Redis is down and the numbers are this host's only. */
+function scope(data) {
+  if (data.notice) return `<span class="badge health-warn" id="overview-notice">${esc(data.notice)}</span> `;
+  if (!Array.isArray(data.instances)) return "";
+  const count = data.instances.length;
+  const ids = data.instances.map((i) =>
+    `${i.id}${i.self ? " (this one)" : `, ${i.ageS} s ago`}, ${i.activeStreams} streams`).join("\n");
+  return `<span class="badge health-idle" id="overview-instances" title="${esc(ids)}">` +
+    `${esc(fmtInt(count))} instance${count === 1 ? "" : "s"} reporting</span> `;
+}
+
 function render() {
   const data = state.data;
-  const where = data.workers === "all" ? "all worker processes" : "this gateway process";
-  $("overview-facts").innerHTML = data.window == null
+  const where = data.workers === "instances" ? "every gateway instance sharing Redis"
+    : data.workers === "all" ? "all worker processes" : "this gateway process";
+  $("overview-facts").innerHTML = scope(data) + (data.window == null
     ? "Measuring: rates appear with the next update (every 2 s)."
     : `Over the last ${esc(Math.round(data.window))} s, from the numbers <code>/metrics</code> serves ` +
-      `(${esc(where)}). Errors: 5xx, 429 and streams cut after their start.`;
+      `(${esc(where)}). Errors: 5xx, 429 and streams cut after their start.`);
   renderTotals(data.totals);
   renderChart(data.series || [], data.window);
   renderChannels(data.channels || []);
