@@ -189,6 +189,10 @@ def serve(args: argparse.Namespace) -> int:
         print(f"ccx-proxy: {exc}", file=sys.stderr)
         return 2
     redact.REDACTOR.set_keys((*settings.access_keys, *settings.admin_keys))
+    missing = _missing_extras(settings)
+    if missing:
+        print(f"ccx-proxy: {missing}", file=sys.stderr)
+        return 2
     config = _load(settings.channels_file)
     if config is None:
         return 1
@@ -239,6 +243,17 @@ def serve(args: argparse.Namespace) -> int:
     worker = args.worker_index  # a worker of serve --workers N: shares the port, one banner for all
     banner = (settings, show_key) if not worker else None
     return _run(_serve_apps(apps, banner, reuse_port=worker is not None))
+
+
+def _missing_extras(settings: Settings) -> str | None:
+    """The install command for what REDIS_URL / DATABASE_URL need and is not installed."""
+    import importlib.util
+
+    if settings.redis is not None and not all(importlib.util.find_spec(m) for m in ("redis", "hiredis")):
+        return "REDIS_URL needs the redis extra: pip install 'ccx-proxy[redis]'"
+    if settings.database_url and importlib.util.find_spec("asyncpg") is None:
+        return "DATABASE_URL needs the postgres extra: pip install 'ccx-proxy[postgres]'"
+    return None
 
 
 def follow_mock_port(config: GatewayConfig, port: int) -> GatewayConfig:

@@ -42,3 +42,20 @@ def test_doctor_reports_the_redis_line(redis_server: RedisServer, tmp_path: obje
     doctor.main(args, env, out)
     line = next(x for x in out.getvalue().splitlines() if "127.0.0.1:" + str(redis_server.port) in x)
     assert line.startswith("WARN") and "without a password" in line
+
+
+def test_serve_says_which_extra_redis_url_needs(monkeypatch: object) -> None:
+    import importlib.util
+
+    from ccx_proxy import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "hiredis" else real(name, *a)
+    )  # type: ignore[attr-defined]
+    monkeypatch.setenv("PROXY_ACCESS_KEY", "a-strong-key-for-serve-0123456789")  # type: ignore[attr-defined]
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # type: ignore[attr-defined]
+    err = io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)  # type: ignore[attr-defined]
+    assert cli.main(["serve", "--config", "/nonexistent.json"]) == 2
+    assert "REDIS_URL needs the redis extra: pip install 'ccx-proxy[redis]'" in err.getvalue()

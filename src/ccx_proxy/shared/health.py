@@ -10,7 +10,8 @@ reads no Redis), and tells the others when it learns something:
   expired fields are dropped when read).
 
 Keys are named by a fingerprint (the first 16 hex digits of their SHA-256), never by the
-key.  Times travel as wall-clock seconds and become each process's monotonic time on arrival.
+key.  Messages carry the seconds left (hosts with skewed clocks still agree); the hash keeps
+wall-clock times (read by a process that starts later: that is where clock skew shows).
 
 **One half-open probe across the fleet**: when a breaker lets its half-open probe through,
 the process first claims it in Redis (``SET NX`` with a expiry); a process that loses the
@@ -108,14 +109,16 @@ class HealthSync:
     # -- telling the others ---------------------------------------------------------------
 
     def _tell(self, kind: str, channel: str, api_key: str | None, model: str, until: float) -> None:
-        wall = time.time() + (until - self.registry.clock())
+        left = until - self.registry.clock()
+        wall = time.time() + left
         fp = fingerprint(api_key) if api_key else ""
         field = f"{kind}|{channel}|{fp}|{model}"
         store = self.store
         store.send_eval(
             self._record, [self._hash], [field, repr(wall), MAX_FIELDS, repr(time.time()), HASH_TTL]
         )
-        store.publish(CHANNEL, orjson.dumps([store.instance, kind, channel, fp, model, wall]))
+        # Messages carry what is left, not a time: hosts whose clocks differ still agree.
+        store.publish(CHANNEL, orjson.dumps([store.instance, kind, channel, fp, model, left]))
 
     def cooled(self, channel: str, api_key: str, model: str, until: float) -> None:
         self._tell("cooled", channel, api_key, model, until)
@@ -173,9 +176,9 @@ class HealthSync:
     # -- learning from the others -------------------------------------------------------------
 
     def _message(self, data: bytes) -> None:
-        instance, kind, channel, fp, model, wall = orjson.loads(data)
+        instance, kind, channel, fp, model, left = orjson.loads(data)
         if instance != self.store.instance:
-            self._apply(kind, channel, fp, model, float(wall))
+            self._apply(kind, channel, fp, model, time.time() + float(left))
 
     async def resync(self) -> None:
         """Everything the others learned while this process was away (or not yet started)."""
