@@ -2,9 +2,9 @@
 
 Without ``REDIS_URL`` none of this runs and each process keeps its own state, as before.
 
-* :mod:`.client`: the connection -- one pipeline per loop turn, ``REDIS_TIMEOUT_MS`` as the
-  longest wait, the fail policy (``REDIS_FAILURE=open``: local state, logged once per
-  transition and counted), reconnect with back-off, pub/sub.
+* :mod:`.client`: the connection (:mod:`.pubsub`: its subscriber) -- one pipeline per loop
+  turn, ``REDIS_TIMEOUT_MS`` as the longest wait, the fail policy (``REDIS_FAILURE=open``:
+  local state, logged once per transition and counted), reconnect with back-off.
 * :mod:`.limits`: member limits (requests per minute, concurrency slots that expire when
   their process dies, daily and monthly budgets) in Lua scripts, one round trip per admission.
 * :mod:`.health`: upstream state -- (key, model) cool-downs, keys disabled by 401/402/403,

@@ -15,8 +15,9 @@ Every shared-state call goes through :class:`SharedStore`:
   marks it **up** again; each transition is logged once and counted (:data:`STATS`, exported
   by :mod:`ccx_proxy.ops.metrics`), and the ``on_up`` callbacks resynchronise (scripts
   reloaded, state re-read, budgets re-seeded).
-* Pub/sub (health events, configuration versions) has its own connection and task, which
-  reconnects by itself and calls the same resync callbacks after each reconnect.
+* Pub/sub (health events, configuration versions) has its own connection and task
+  (:mod:`.pubsub`), which reconnects by itself and calls the same resync callbacks after each
+  (re)subscription.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ..settings import RedisSettings
+from .pubsub import BACKOFF_MAX, BACKOFF_MIN, Subscriber
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -41,7 +43,6 @@ log = logging.getLogger("ccx_proxy.shared")
 MAX_CONNECTIONS = 32  # pipelines in flight at once (a pool connection each)
 MAX_QUEUED = 10_000  # fire-and-forget commands waiting for the next pipeline; more are dropped
 PING_TIMEOUT = 1.0  # the background reconnect's own wait (never a request's)
-BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 RESYNC_TIMEOUT = 10.0  # each resync part (re-reading state, seeding budgets)
 SLOW_LIMIT = 3  # timed-out round trips in a row that mark Redis down (a refused connection: one)
 
@@ -115,7 +116,7 @@ class SharedStore:
         self.on_up: list[Callable[[], Awaitable[None]]] = []
         self._redis: Redis | None = None
         self._scripts: dict[str, Script] = {}
-        self._channels: dict[str, Callable[[bytes], None]] = {}
+        self._subscriber = Subscriber(settings.url)
         self._queue: list[Queued] = []
         self._flush_due = False
         self._flushes: set[asyncio.Task[None]] = set()
@@ -125,7 +126,7 @@ class SharedStore:
         self._reply_error: type[Exception] = Exception
         self._slow = 0  # round trips in a row that timed out
         self._refusal_logged = -1e9
-        self.subscribed = asyncio.Event()  # set while the pub/sub connection listens
+        self.subscribed = self._subscriber.subscribed  # set while the pub/sub connection listens
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -137,7 +138,7 @@ class SharedStore:
 
     def subscribe(self, channel: str, handler: Callable[[bytes], None]) -> None:
         """``handler(message)`` for every message on ``channel`` (set up before :meth:`start`)."""
-        self._channels[self.key(channel)] = handler
+        self._subscriber.handlers[self.key(channel)] = handler
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -162,8 +163,8 @@ class SharedStore:
         self._redis = aioredis.Redis(connection_pool=pool)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._reconnect())]
-        if self._channels:
-            self._tasks.append(loop.create_task(self._listen()))
+        if self._subscriber.handlers:
+            self._tasks.append(loop.create_task(self._subscriber.run(aioredis, self._resync_if_up)))
         if not await self._try_up():
             log.warning(
                 "Redis at %s is unreachable: running on local state until it answers (REDIS_FAILURE=%s)",
@@ -224,6 +225,10 @@ class SharedStore:
                 continue  # Redis went again (the reconnect loop retries) or a part is slow
             except Exception:  # one part failing to resync must not stop the others
                 log.exception("resynchronising shared state failed")
+
+    async def _resync_if_up(self) -> None:
+        if self.up:
+            await self._resync()
 
     def failed(self, exc: BaseException) -> None:
         """Redis is down until a ping answers."""
@@ -407,41 +412,6 @@ class SharedStore:
 
     def publish(self, channel: str, message: bytes) -> None:
         self.send("PUBLISH", self.key(channel), message)
-
-    async def _listen(self) -> None:
-        aioredis = _redis_module()
-        delay = BACKOFF_MIN
-        while True:
-            client = aioredis.Redis.from_url(
-                self.settings.url, socket_connect_timeout=PING_TIMEOUT, health_check_interval=5
-            )
-            try:
-                async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(*self._channels)
-                    if self.up:  # what happened before this subscription (or while away)
-                        await self._resync()
-                    self.subscribed.set()
-                    delay = BACKOFF_MIN
-                    while True:
-                        message = await pubsub.get_message(timeout=1.0)
-                        if message is None or message.get("type") != "message":
-                            continue
-                        handler = self._channels.get(message["channel"].decode())
-                        if handler is not None:
-                            try:
-                                handler(message["data"])
-                            except Exception:
-                                log.exception("handling a shared-state message failed")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.debug("Redis subscription lost: %s", type(exc).__name__)
-            finally:
-                self.subscribed.clear()
-                with contextlib.suppress(Exception):
-                    await client.aclose()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX)
 
 
 def _pack(args: tuple[Any, ...]) -> bytes:
