@@ -6,6 +6,7 @@ workers), one Redis, one members database, upstreams in the test process.
   SIGKILL is free again within ``REDIS_SLOT_TTL_S``;
 * a 429 seen by one process cools the (key, model) down for the other;
 * a session pinned on one is pinned on the other;
+* the console (``/api/overview``) on either shows both processes' traffic;
 * Redis stopped mid-run: requests keep flowing on local state (logged); Redis back: shared
   limits resume.
 """
@@ -284,6 +285,35 @@ async def test_a_session_pinned_on_one_process_is_pinned_on_the_other(
         assert (status, channel) == (200, "alt")  # up is first and healthy; the session is on alt
     status, channel, _ = await post(fleet.url(1), ACCESS, {"x-claude-code-session-id": "other"})
     assert (status, channel) == (200, "up")
+
+
+async def test_the_console_on_either_process_shows_both_processes_traffic(
+    aiohttp_server: Any, make_fleet: Callable[..., Awaitable[Fleet]]
+) -> None:
+    up, alt = await start_upstream(aiohttp_server), await start_upstream(aiohttp_server)
+    fleet = await make_fleet(up, alt)
+    for _ in range(6):  # 6 through process 0 only, over both of its workers
+        assert (await post(fleet.url(0), ACCESS))[0] == 200
+
+    async def overview(index: int) -> dict[str, Any]:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            async with session.get(
+                fleet.url(index, "/api/overview"), headers={"x-api-key": ADMIN}
+            ) as response:
+                assert response.status == 200
+                return dict(await response.json())
+
+    deadline = time.monotonic() + 10
+    while True:  # every worker publishes its own numbers once a second
+        views = [await overview(1), await overview(0)]
+        if all(v["totals"]["requests"] == 6 and len(v["instances"] or ()) == 4 for v in views):
+            break
+        assert time.monotonic() < deadline, [(v["totals"]["requests"], v["instances"]) for v in views]
+        await asyncio.sleep(0.2)
+    for view in views:  # process 1 served nothing, and shows process 0's traffic
+        assert view["redis"] == "up" and view["workers"] == "instances"
+        pids = {i["pid"] for i in view["instances"]}
+        assert len(pids) == 4  # two processes with two workers each, each counted once
 
 
 async def test_redis_stopped_mid_run_fails_open_and_resumes(
