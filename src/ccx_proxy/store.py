@@ -6,6 +6,11 @@ fields ccx-proxy does not know survive), are validated with the same code as
 ``check-config``, and replace the file only whole: temp file in the same
 directory, fsync, rename, fsync of the directory.  A crash at any moment leaves
 the old file or the new one, never a mix.
+
+With ``REDIS_URL`` (:mod:`ccx_proxy.shared.config`) a second small file beside it,
+``.<name>.seq``, records the shared document's ``seq`` and version the file was last written
+at; every worker process of a host writes both under the same ``flock``, so a slow worker
+never writes an older version over a newer one (:meth:`ChannelStore.replace`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from .config import GatewayConfig, parse_config
 from .errors import Conflict
 
 Document = dict[str, Any]
+Stamp = tuple[int, str]  # (seq, version) of the shared document the file was written at
+Outcome = Literal["written", "unchanged", "stale"]
 
 # Stable, readable key order for channel objects; unknown fields keep their order after these.
 CHANNEL_ORDER = (
@@ -90,14 +97,37 @@ class ChannelStore:
         # Called with (new bytes, the version they replace) from the writer thread, under the
         # locks, after validation and before the write: with REDIS_URL the shared channels
         # document (ccx_proxy.shared.config) does its fleet-wide compare-and-set here and
-        # raises Conflict when another instance's edit won.
-        self.before_commit: Callable[[bytes, str], None] | None = None
+        # raises Conflict when another instance's edit won.  It returns the shared seq the new
+        # bytes carry (recorded beside the file), or None (not in the shared store).
+        self.before_commit: Callable[[bytes, str], int | None] | None = None
+        # Called from the writer thread, under the locks, with the version about to be written
+        # (None: that write failed): the watcher then knows the gateway applies it itself.
+        self.on_write: Callable[[str | None], None] | None = None
+
+    @property
+    def stamp_path(self) -> Path:
+        return self.path.parent / f".{self.path.name}.seq"
+
+    def recorded(self) -> Stamp | None:
+        """The shared (seq, version) the file was last written at; None when never recorded."""
+        try:
+            seq, version = self.stamp_path.read_text().split()
+            return int(seq), version
+        except (OSError, ValueError):
+            return None
+
+    def _record(self, seq: int, version: str) -> None:
+        atomic_write(self.stamp_path, f"{seq} {version}\n".encode(), 0o600)
 
     def _sweep_temp_files(self) -> None:
         """Temp files a killed writer left behind (never the live file); a minute old at least,
         so a writer in another worker process that is mid-write keeps its own."""
         cutoff = time.time() - 60
-        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+        stale_files = [
+            *self.path.parent.glob(f".{self.path.name}.*.tmp"),
+            *self.path.parent.glob(f".{self.stamp_path.name}.*.tmp"),
+        ]
+        for stale in stale_files:
             try:
                 if stale.stat().st_mtime < cutoff:
                     stale.unlink()
@@ -154,35 +184,69 @@ class ChannelStore:
             change(edited)
             config = parse_config(edited, self.env, source=str(self.path))
             data = canonical(edited)
-            if self.before_commit is not None:
-                self.before_commit(data, version)
-            self._commit(data)
+            seq = self.before_commit(data, version) if self.before_commit is not None else None
+            self._commit(data, seq)
             return config, edited, version_of(data)
 
     async def replace(
-        self, data: bytes, wanted: Callable[[], bool]
-    ) -> Literal["written", "unchanged", "stale"]:
+        self, data: bytes, seq: int, wanted: Callable[[], bool], over: Stamp | None = None
+    ) -> Outcome:
         """Make the file hold exactly ``data`` (a version validated elsewhere: the shared
-        store's), with a backup, under the same locks as :meth:`update`.  ``wanted()`` is asked
-        once the locks are held: False (a newer write won meanwhile) leaves the file alone."""
+        store's, at ``seq``), with a backup, under the same locks as :meth:`update`.
+
+        "stale" leaves the file alone: ``wanted()`` (asked once the locks are held) is False
+        (a newer write won in this process), or the file records a newer seq than ``seq`` (a
+        sibling worker wrote a newer version meanwhile) -- unless what it records is ``over``,
+        a record the caller found Redis no longer holds (Redis lost its data and went back)."""
         async with self._lock:
-            return await asyncio.to_thread(self._replace_locked, data, wanted)
+            return await asyncio.to_thread(self._replace_locked, data, seq, wanted, over)
 
     def _replace_locked(
-        self, data: bytes, wanted: Callable[[], bool]
-    ) -> Literal["written", "unchanged", "stale"]:
+        self, data: bytes, seq: int, wanted: Callable[[], bool], over: Stamp | None
+    ) -> Outcome:
+        version = version_of(data)
         with self._file_lock():
             if not wanted():
                 return "stale"
+            recorded = self.recorded()
+            if (
+                recorded is not None
+                and recorded != (seq, version)
+                and recorded[0] >= seq
+                and recorded != over
+            ):
+                return "stale"
             try:
-                if self.path.read_bytes() == data:
-                    return "unchanged"  # another worker of this host wrote it already
+                current: bytes | None = self.path.read_bytes()
             except FileNotFoundError:
-                pass
-            self._commit(data)
+                current = None
+            if current == data:  # another worker of this host wrote it already
+                if self.on_write is not None:
+                    self.on_write(version)
+                if recorded != (seq, version):
+                    self._record(seq, version)
+                return "unchanged"
+            self._commit(data, seq)
             return "written"
 
-    def _commit(self, data: bytes) -> None:
+    async def record(self, seq: int, version: str) -> None:
+        """The file holds the shared document's ``version`` at ``seq`` (published from it)."""
+        async with self._lock:
+            await asyncio.to_thread(self._record_locked, seq, version)
+
+    def _record_locked(self, seq: int, version: str) -> None:
+        with self._file_lock():
+            try:
+                if version_of(self.path.read_bytes()) != version:
+                    return  # replaced meanwhile: that write recorded its own
+            except OSError:
+                return
+            if self.recorded() != (seq, version):
+                self._record(seq, version)
+
+    def _commit(self, data: bytes, seq: int | None = None) -> None:
+        """Write the file (under the locks); ``seq``: the shared seq it carries, recorded first
+        (a reader that sees the new file sees its record)."""
         self._sweep_temp_files()
         if self.backups and self.path.exists():
             # Backups hold the same secrets as the file: no wider permissions than it has.
@@ -193,4 +257,14 @@ class ChannelStore:
             kept = sorted(self.backup_dir.glob(f"{self.path.name}.*"))
             for old in kept[: max(0, len(kept) - self.backups)]:
                 old.unlink(missing_ok=True)
-        atomic_write(self.path, data)
+        version = version_of(data)
+        if seq is not None:
+            self._record(seq, version)
+        if self.on_write is not None:
+            self.on_write(version)
+        try:
+            atomic_write(self.path, data)
+        except BaseException:
+            if self.on_write is not None:
+                self.on_write(None)
+            raise

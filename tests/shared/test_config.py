@@ -8,6 +8,8 @@ import asyncio
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,9 +19,11 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
+from ccx_proxy import store as store_module
 from ccx_proxy.admin.api import ADMIN
 from ccx_proxy.app import WATCHER, create_app
 from ccx_proxy.config import load_config
+from ccx_proxy.reload import _stamp
 from ccx_proxy.settings import RedisSettings
 from ccx_proxy.shared import config as shared_config
 from ccx_proxy.shared.client import SharedStore
@@ -339,10 +343,294 @@ async def test_redis_down_and_a_newer_fleet_version_wins_over_local_edits(
     assert any(b'"local"' in p.read_bytes() for p in backups)  # the lost edit is kept
 
 
+def shared_store_of(client: Client) -> SharedStore:
+    store: SharedStore | None = client.app[GATEWAY].shared
+    assert store is not None
+    return store
+
+
+async def redis_wiped(server: RedisServer, *clients: Client) -> None:
+    """Redis restarts empty (no persistence, the usual cache setup); the instances notice."""
+    server.stop()
+    for client in clients:
+        shared_store_of(client).failed(ConnectionError("restarted"))
+    server.start()
+
+
+async def record_when(
+    server: RedisServer, prefix: str, condition: Callable[[dict[bytes, bytes]], bool], seconds: float
+) -> dict[bytes, bytes]:
+    """The shared record, once ``condition`` holds for it (asserted within ``seconds``)."""
+    started = time.monotonic()
+    while not condition(record := await redis_record(server, prefix)):
+        assert time.monotonic() - started < seconds, record
+        await asyncio.sleep(0.05)
+    return record
+
+
+def held_down(client: Client, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """The instance's reconnect finds Redis only once the returned event is set."""
+    store = shared_store_of(client)
+    release = threading.Event()
+    real = store._try_up
+
+    async def gated() -> bool:
+        return await real() if release.is_set() else False
+
+    monkeypatch.setattr(store, "_try_up", gated)
+    return release
+
+
+async def test_a_slow_sibling_worker_never_writes_an_older_version_over_a_newer_one(
+    start: Start, redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker a2 fetched version 2 and validates it slowly; meanwhile worker a (same file) writes
+    version 3.  a2 must not put version 2 back in the file (a's watcher would publish it: the
+    write lost fleet-wide, the workers flipping)."""
+    a = await start("a", redis_server, document("one"))
+    a2 = await start("a", redis_server, None)
+    b = await start("b", redis_server, document("one"))
+    validating, go = threading.Event(), threading.Event()
+    real_load = shared_of(a2)._load
+
+    def slow_load(doc: bytes, version: str) -> Any:
+        if b'"two"' in doc and b'"three"' not in doc:
+            validating.set()
+            go.wait(5)
+        return real_load(doc, version)
+
+    monkeypatch.setattr(shared_of(a2), "_load", slow_load)
+    outcomes: list[str] = []
+    store2 = a2.app[ADMIN].store
+    real_replace = store2.replace
+
+    async def replace(*args: Any, **kwargs: Any) -> Any:
+        outcome = await real_replace(*args, **kwargs)
+        outcomes.append(outcome)
+        return outcome
+
+    monkeypatch.setattr(store2, "replace", replace)
+    assert (await add_channel(b, "two")).status == 201
+    await until(lambda: validating.is_set() and names(a) == ["one", "two"], 5)
+    assert (await add_channel(a, "three")).status == 201
+    newest = file_of(a)
+    go.set()
+    await until(lambda: bool(outcomes), 5)  # a2's adopt of version 2 is over
+    assert outcomes[0] == "stale" and file_of(a) == newest
+    await until(lambda: names(a) == names(a2) == names(b) == ["one", "two", "three"], 5)
+    await until(lambda: a.app[WATCHER]._seen == _stamp(Path(store2.path)))  # a looked at the file
+    record = await redis_record(redis_server, prefix)
+    assert record[b"seq"] == b"3" and record[b"doc"] == newest == file_of(a)
+    assert store2.recorded() == (3, version_of(newest))
+    assert shared_of(a).seq == shared_of(a2).seq == shared_of(b).seq == 3
+
+
+async def test_after_redis_lost_its_data_an_older_seed_does_not_win(
+    start: Start, own_redis: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """b cannot load the fleet's newest version (a variable missing there) and runs an older
+    one; Redis restarts empty and b seeds it first: a, which runs the newest, seeds over it."""
+    a = await start("a", own_redis, document("one"))
+    b = await start("b", own_redis, document("one"))
+    a.app[ADMIN].store.env = {"CCX_SHARED_TEST_KEY": "sk-only-on-host-a-0000"}
+    b.app[ADMIN].store.env = {}
+    assert (await add_channel(a, "ref", apiKeys=["${CCX_SHARED_TEST_KEY}"])).status == 201
+    newest = file_of(a)
+    await until(lambda: shared_of(b).rejected is not None)
+    release = held_down(a, monkeypatch)
+    await redis_wiped(own_redis, a, b)
+    record = await record_when(own_redis, prefix, lambda r: b"version" in r, 10)  # b seeded it
+    assert record[b"version"].decode() == version_of(file_of(b)) and record[b"seq"] == b"1"
+    release.set()
+    await record_when(own_redis, prefix, lambda r: r.get(b"doc") == newest and r[b"seq"] == b"2", 10)
+    assert names(a) == ["one", "ref"] and file_of(a) == newest
+    assert names(b) == ["one"] and shared_of(b).rejected == (2, version_of(newest))
+
+
+async def test_after_redis_lost_its_data_a_fresh_hosts_seed_does_not_win(
+    start: Start, own_redis: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fleet never edited its first seed (seq 1); Redis restarts empty and a host that never
+    held a seq (a new one) seeds it with its own file first: the fleet's version wins."""
+    a = await start("a", own_redis, document("one"))
+    fleet = file_of(a)
+    assert shared_of(a).seq == 1
+    release = held_down(a, monkeypatch)
+    await redis_wiped(own_redis, a)
+    c = await start("c", own_redis, document("fresh"))  # new host: it seeds the empty Redis
+    assert (await redis_record(own_redis, prefix))[b"seeded"] == b"f"
+    release.set()
+    await until(lambda: names(c) == ["one"] and file_of(c) == fleet, 10)
+    record = await redis_record(own_redis, prefix)
+    assert record[b"doc"] == fleet and record[b"seq"] == b"1" and record[b"seeded"] == b"1"
+    assert names(a) == ["one"] and file_of(a) == fleet
+
+
+async def test_after_redis_lost_its_data_a_new_write_reaches_a_host_that_recorded_a_higher_seq(
+    start: Start, own_redis: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis restarts empty while a and b cannot reach it; a new host seeds it and writes (seq 2,
+    as b's file records for another version): that write, not b's record, is the fleet's."""
+    a = await start("a", own_redis, document("one"))
+    b = await start("b", own_redis, document("one"))
+    assert (await add_channel(a, "two")).status == 201
+    await until(lambda: shared_of(b).seq == 2)
+    assert b.app[ADMIN].store.recorded() == (2, version_of(file_of(b)))
+    held = [held_down(a, monkeypatch), held_down(b, monkeypatch)]
+    await redis_wiped(own_redis, a, b)
+    c = await start("c", own_redis, document("fresh"))
+    assert (await add_channel(c, "from-c")).status == 201
+    assert shared_of(c).seq == 2
+    for release in held:
+        release.set()
+    await until(lambda: names(a) == names(b) == ["fresh", "from-c"], 10)
+    assert file_of(a) == file_of(b) == file_of(c)
+    assert b.app[ADMIN].store.recorded() == (2, version_of(file_of(c)))
+
+
+async def test_a_write_redis_runs_after_its_deadline_does_nothing(
+    start: Start, own_redis: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis pauses once the write's script is sent: the admin write is refused (503, closed)
+    and, when Redis resumes and runs the script late, the fleet does not get it."""
+    a = await start("a", own_redis, document("one"), failure="closed")
+    b = await start("b", own_redis, document("one"), failure="closed")
+    before = await redis_record(own_redis, prefix)
+    store = shared_store_of(a)
+    real_call = store.call_within
+    assert own_redis.proc is not None
+    pid = own_redis.proc.pid
+
+    async def pausing(timeout: float, *args: Any) -> Any:
+        if args[0] == "EVAL":
+            os.kill(pid, signal.SIGSTOP)
+        return await real_call(timeout, *args)
+
+    async def evals() -> int:
+        probe = SharedStore(RedisSettings(own_redis.url, prefix=prefix, timeout=1.0), instance="probe")
+        await probe.start()
+        try:
+            stats = await probe.call("INFO", "commandstats")
+            return int(stats.get("cmdstat_eval", {}).get("calls", 0))
+        finally:
+            await probe.stop()
+
+    ran = await evals()
+    monkeypatch.setattr(store, "call_within", pausing)
+    try:
+        resp = await add_channel(a, "two")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert resp.status == 503
+    started = time.monotonic()
+    while await evals() == ran:  # Redis runs the script it received while paused
+        assert time.monotonic() - started < 5
+        await asyncio.sleep(0.02)
+    record = await redis_record(own_redis, prefix)
+    assert record[b"seq"] == before[b"seq"] and record[b"doc"] == before[b"doc"]
+    assert names(a) == names(b) == ["one"]
+
+
+async def test_a_hand_edit_publishes_the_bytes_the_watcher_validated(
+    start: Start, redis_server: RedisServer, prefix: str
+) -> None:
+    """The file changes again (to an invalid one) right after the watcher loaded a hand edit:
+    the fleet gets the edit that was validated, never bytes nobody loaded."""
+    a = await start("a", redis_server, document("one"))
+    b = await start("b", redis_server, document("one"))
+    watcher = b.app[WATCHER]
+    path = Path(b.app[ADMIN].store.path)
+    publish = watcher.on_reload
+    assert publish is not None
+
+    def then_broken(*args: Any) -> None:
+        path.write_text('{"channels": [{"name": "x", "baseUrl": "ftp://nope"}]}')
+        publish(*args)
+
+    watcher.on_reload = then_broken
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(document("one", "edited")))
+    edited = tmp.read_bytes()
+    os.replace(tmp, path)
+    await until(lambda: names(a) == ["one", "edited"], 5)
+    assert file_of(a) == edited
+    assert (await redis_record(redis_server, prefix))[b"doc"] == edited
+    await until(lambda: watcher.rejected == 1)  # b's watcher keeps the broken file out
+    assert names(b) == ["one", "edited"]
+
+
+async def test_a_refusing_redis_is_not_down_and_is_logged_once_a_minute(
+    start: Start, own_redis: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """Redis answers but refuses writes (out of memory): an admin write applies here
+    (REDIS_FAILURE=open) and is offered again at each check, with one line, not one a check."""
+    monkeypatch.setattr(shared_config, "CHECK_INTERVAL", 0.05)
+    a = await start("a", own_redis, document("one"))
+    b = await start("b", own_redis, document("one"))
+    store = shared_store_of(a)
+    await store.call("CONFIG", "SET", "maxmemory", "1")
+    try:
+        offers = 0
+        real_put = shared_of(a)._put
+
+        async def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal offers
+            offers += 1
+            return await real_put(*args, **kwargs)
+
+        monkeypatch.setattr(shared_of(a), "_put", counting)
+        caplog.set_level(logging.INFO, "ccx_proxy.shared.config")
+        assert (await add_channel(a, "two")).status == 201
+        await until(lambda: offers >= 15, 5)  # the admin write, then one offer a check
+        assert store.up and shared_of(a).local_only
+    finally:
+        await store.call("CONFIG", "SET", "maxmemory", "0")
+    lines = [
+        r.getMessage() for r in caplog.records
+        if r.name == "ccx_proxy.shared.config" and r.levelno >= logging.WARNING
+    ]  # fmt: skip
+    assert len(lines) == 2, lines  # the admin write's, and one for all the offers since
+    assert all("Redis did not take channels version" in line for line in lines), lines
+    assert not any("down" in line for line in lines), lines
+    await until(lambda: names(b) == ["one", "two"], 5)  # it answers again: the fleet follows
+    assert not shared_of(a).local_only and file_of(b) == file_of(a)
+
+
+async def test_an_adopted_version_is_not_loaded_again_by_the_watcher(
+    start: Start, redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watcher polls between b's write of the fleet's version and the end of its adopt:
+    it finds that version and does not load it a second time."""
+    a = await start("a", redis_server, document("one"))
+    b = await start("b", redis_server, document("one"))
+    watcher = b.app[WATCHER]
+    path = Path(b.app[ADMIN].store.path)
+    real_write = store_module.atomic_write
+
+    def write_then_wait_for_a_poll(target: Path, data: bytes, mode: int | None = None) -> None:
+        real_write(target, data, mode)
+        if target == path:  # hold b's adopt until its watcher has looked at the new file
+            deadline = time.monotonic() + 2
+            while watcher._seen != _stamp(path) and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    monkeypatch.setattr(store_module, "atomic_write", write_then_wait_for_a_poll)
+    reloads = watcher.reloads
+    assert (await add_channel(a, "two")).status == 201
+    await until(lambda: shared_of(b).seq == shared_of(a).seq and names(b) == ["one", "two"], 5)
+    assert watcher._seen == _stamp(path)
+    assert watcher.reloads == reloads
+
+
+FAR = 2**53  # a deadline no test reaches (ms)
+
+
 @pytest.mark.parametrize(
     "current, offer, expected",
     [
         pytest.param(None, ("", "v1", 1, "1"), (1, 1), id="seed-on-empty"),
+        pytest.param(None, ("", "v1", 0, "1"), (1, 1), id="fresh-seed-on-empty-is-seq-1"),
         pytest.param((1, "v1", "1"), ("", "v2", 1, "1"), (-1, 1), id="second-seed-loses"),
         pytest.param((1, "v1", "1"), ("", "v1", 1, "1"), (0, 1), id="same-version"),
         pytest.param((1, "v1", "1"), ("v1", "v2", 2, "0"), (1, 2), id="write-from-current"),
@@ -351,13 +639,16 @@ async def test_redis_down_and_a_newer_fleet_version_wins_over_local_edits(
         pytest.param((7, "v7", "1"), ("v3", "v3b", 4, "0"), (-1, 7), id="older-write-loses-to-seed"),
         pytest.param((3, "v3", "0"), ("v9", "v7", 7, "1"), (-1, 3), id="seed-never-beats-a-write"),
         pytest.param((3, "v3", "0"), ("v3", "v4", 1, "0"), (1, 4), id="seq-never-goes-back"),
+        pytest.param((1, "vf", "f"), ("v1", "v1b", 1, "1"), (1, 1), id="seed-at-1-beats-fresh-seed"),
+        pytest.param((1, "vf", "f"), ("", "vg", 0, "1"), (-1, 1), id="fresh-seed-loses-to-fresh-seed"),
+        pytest.param((1, "v1", "0"), ("v1", "v2", 2, "0", 1), (-2, 1), id="past-its-deadline-nothing"),
     ],
 )
 async def test_put_script(
     redis_server: RedisServer,
     prefix: str,
     current: tuple[int, str, str] | None,
-    offer: tuple[str, str, int, str],
+    offer: tuple[Any, ...],
     expected: tuple[int, int],
 ) -> None:
     store = SharedStore(RedisSettings(redis_server.url, prefix=prefix, timeout=1.0), instance="t")
@@ -367,12 +658,15 @@ async def test_put_script(
         if current is not None:
             seq, version, seeded = current
             await store.call("HSET", key, "seq", seq, "version", version, "doc", b"old", "seeded", seeded)
-        base, new, want, seed = offer
+        base, new, want, seed, *deadline = offer
         status, seq_after, *_ = await store.call_within(
-            1.0, "EVAL", PUT_SCRIPT, 1, key, base, new, b"doc", "t", "0", store.key("config"), want, seed
-        )
+            1.0, "EVAL", PUT_SCRIPT, 1, key, base, new, b"doc", "t", "0", store.key("config"), want, seed,
+            deadline[0] if deadline else FAR,
+        )  # fmt: skip
         assert (status, seq_after) == expected
         stored = await store.call("HGET", key, "version")
         assert stored == (new.encode() if status == 1 else (current[1].encode() if current else None))
+        if status == 1 and seed == "1":  # a fresh host's seed is marked as such
+            assert await store.call("HGET", key, "seeded") == (b"f" if want == 0 else b"1")
     finally:
         await store.stop()

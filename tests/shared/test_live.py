@@ -37,6 +37,7 @@ from tests.redis_server import RedisServer
 ADMIN = {"x-api-key": "admin-key-0123456789"}
 JSON = {"Content-Type": "application/json"}
 TTL = 1.0
+GRACE = 2.0  # live.GRACE: TTLs a departed instance is kept one by one
 Client = TestClient[Any, Any]
 
 
@@ -219,8 +220,12 @@ async def test_an_instance_that_stops_leaves_the_list(
     assert time.monotonic() - started <= TTL + 1
     view = await overview(a)
     assert view["totals"]["requests"] == 1  # what a departed instance did still counts
-    members = await a.server.app[LIVE].store.call("SMEMBERS", a.server.app[LIVE].index)
-    assert members == {instance(a).encode()}  # the expired id left the index too
+
+    async def index_trimmed() -> bool:  # by the next publish of a live instance
+        members = await a.server.app[LIVE].store.call("ZRANGE", a.server.app[LIVE].index, 0, -1)
+        return bool(members == [instance(a).encode()])
+
+    await until("the expired id leaves the index too", index_trimmed, timeout=3)
 
 
 async def _requests_are(client: Client, n: int) -> bool:
@@ -335,7 +340,7 @@ def parse_families(families: list[Any]) -> dict[str, float]:
 
 
 def test_availability_is_the_worst_and_departed_counters_stay() -> None:
-    merger = live.Merger()
+    merger = live.Merger(grace=10.0)
     a = {"up": {"n": 5, "e": 1, "ttfb": [1] * len(live.TTFB_LE), "tok": [10, 20, 0, 0, 0], "ok": 1}}
     b = {"up": {"n": 2, "e": 0, "ok": 0}, "": {"n": 1, "e": 1}}
     merger.see("a", a, 0.0)
@@ -345,12 +350,172 @@ def test_availability_is_the_worst_and_departed_counters_stay() -> None:
     assert snap.requests == {"up": 7.0, "": 1.0} and snap.errors == {"up": 1.0, "": 1.0}
     assert snap.available == {"up": 0.0} and snap.streams == 3
     assert snap.output == {"up": 20.0} and snap.ttfb["up"][float("inf")] == 1.0
-    # b is gone: its counters stay (folded once forgotten), availability is a's alone
-    merger.see("a", a, 2.0 + live.FORGET_AFTER)
-    totals = merger.totals(2.0 + live.FORGET_AFTER)
-    assert list(merger.known) == ["a"] and merger.forgotten["up"]["n"] == 2
+    # b is gone: its counters stay (folded after the grace), availability is a's alone
+    merger.see("a", a, 11.0)
+    totals = merger.totals(11.0)
+    assert list(merger.known) == ["a"] and merger.departed["up"]["n"] == 2
     snap = live.merged_snapshot(totals, [{"ch": a, "streams": 2}], 3.0, 3.0)
     assert snap.requests["up"] == 7.0 and snap.available == {"up": 1.0} and snap.streams == 2
     # a snapshot of another layout does not break the sum
     live._add(totals, {"up": {"n": "x", "ttfb": [1, 2]}, "odd": "not a row"})
     assert totals["up"]["n"] == 7 and len(totals["up"]["ttfb"]) == len(live.TTFB_LE)
+
+
+# ------------------------------------------------------------------ bounded reads and index
+
+
+async def test_the_overview_reads_outside_the_request_pipeline(
+    start: Callable[[RedisServer], Start], redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listing and MGETs of the snapshots (and the publishing) take their own round trips,
+    never a batch of the pipeline that member limits share on the request path."""
+    a, b = await start(redis_server)(), await start(redis_server)()
+    store = a.server.app[LIVE].store
+    batches: list[list[str]] = []
+    pipeline = store._pipeline
+
+    async def recording(redis: Any, batch: list[Any], deadline: float) -> list[Any]:
+        batches.append([str(args[0]) for args, _ in batch])
+        return await pipeline(redis, batch, deadline)
+
+    monkeypatch.setattr(store, "_pipeline", recording)
+    await until("A lists B", lambda: _listed(a, {instance(a), instance(b)}))
+    for _ in range(5):
+        assert (await overview(a))["redis"] == "up"
+    await asyncio.sleep(0.3)  # a few of A's own publishes too
+    commands = {command for batch in batches for command in batch}
+    assert not commands & {"MGET", "SMEMBERS", "ZRANGE", "ZRANGEBYSCORE", "EVAL", "SET"}, batches
+
+
+async def _listed(client: Client, ids: set[str]) -> bool:
+    return {i["id"] for i in (await overview(client))["instances"]} == ids
+
+
+async def test_departed_instances_are_folded_after_the_grace(
+    start: Callable[[RedisServer], Start], redis_server: RedisServer
+) -> None:
+    """A dead instance's numbers are kept one by one for GRACE TTLs, then only in the sum of
+    the departed: still counted, no longer a row per channel."""
+    a, b = await start(redis_server)(), await start(redis_server)()
+    finished = Finished(b)
+    assert await post(b, "claude-alpha") == 200
+    await finished.wait(1)
+    await until("A counts B's request", lambda: _requests_are(a, 1))
+    merger = a.server.app[LIVE].merger
+    assert instance(b) in merger.known
+
+    b.server.app[LIVE]._task.cancel()  # type: ignore[union-attr]  # B dies: its key expires
+    started = time.monotonic()
+
+    async def folded() -> bool:
+        assert (await overview(a))["totals"]["requests"] == 1  # counted all along
+        return instance(b) not in merger.known
+
+    await until("B is folded", folded, timeout=TTL * (GRACE + 1) + 2)
+    assert time.monotonic() - started >= TTL * GRACE  # not before the grace
+    assert live.GRACE == GRACE and merger.folded == 1 and merger.departed["up"]["n"] == 1
+    assert set(merger.known) == {instance(a)}
+
+
+def test_a_merge_costs_the_live_instances_not_every_departed_one() -> None:
+    merger = live.Merger(grace=10.0)
+    row = {"n": 1, "e": 0, "ttfb": [1] * len(live.TTFB_LE), "tok": [1] * len(live.TOKEN_TYPES), "ok": 1}
+    channels = {f"c{i}": dict(row) for i in range(50)}
+    for i in range(live.MAX_REMEMBERED + 10):
+        merger.see(f"dead{i}", channels, 0.0)
+    assert len(merger.known) == live.MAX_REMEMBERED + 10  # within the grace: one by one
+    merger.see("alive", channels, 11.0)
+    totals = merger.totals(11.0)
+    assert list(merger.known) == ["alive"] and merger.folded == live.MAX_REMEMBERED + 10
+    assert (
+        totals["c0"]["n"] == live.MAX_REMEMBERED + 11 and totals["c0"]["ttfb"][0] == live.MAX_REMEMBERED + 11
+    )
+    merger.see("alive", channels, 12.0)
+    assert merger.totals(12.0)["c0"]["n"] == live.MAX_REMEMBERED + 11  # nothing counted twice
+
+
+async def test_the_index_stays_bounded_without_readers(
+    start: Callable[[RedisServer], Start], redis_server: RedisServer, prefix: str
+) -> None:
+    """Processes that start and die while nobody opens the Overview: the index keeps only
+    the ids published within the TTL (every publisher trims it)."""
+    a = await start(redis_server)()
+    exporter = a.server.app[LIVE].exporter
+    index = a.server.app[LIVE].index
+    for i in range(20):  # twenty short-lived processes, none of which stops cleanly
+        store = SharedStore(RedisSettings(redis_server.url, prefix=prefix), instance=f"dead-{i}")
+        await store.start()
+        try:
+            await LiveFeed(store, exporter).publish()
+        finally:
+            await store.stop()
+    store = a.server.app[LIVE].store
+    assert await store.call("ZCARD", index) >= 20
+
+    async def only_a() -> bool:
+        return bool(await store.call("ZRANGE", index, 0, -1) == [instance(a).encode()])
+
+    await until("the dead ids are trimmed by A's publishing", only_a, timeout=TTL + 2)
+
+
+async def test_instances_beyond_the_read_bounds_are_reported(
+    start: Callable[[RedisServer], Start],
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a, b, c = [await start(redis_server)() for _ in range(3)]
+    await until("A lists all three", lambda: _listed(a, {instance(a), instance(b), instance(c)}))
+    finished = [Finished(b), Finished(c)]
+    assert await post(b, "claude-alpha") == 200 and await post(c, "claude-alpha") == 200
+    for f in finished:
+        await f.wait(1)
+    await until("A counts both", lambda: _requests_are(a, 2))
+
+    monkeypatch.setattr(live, "MAX_INSTANCES", 1)  # A reads one other's snapshot
+    with caplog.at_level("WARNING", logger="ccx_proxy.shared.live"):
+        views = [await overview(a) for _ in range(3)]
+    first = min(instance(b), instance(c))
+    for view in views:
+        assert [i["id"] for i in view["instances"]] == [instance(a), first]
+        assert view["instancesOmitted"] == 1 and "1 more instances not read" in view["notice"]
+        assert view["totals"]["requests"] == 2  # the omitted one's last numbers still count
+    assert sum("not read" in r.getMessage() for r in caplog.records) == 1  # at most once a minute
+
+    monkeypatch.setattr(live, "MAX_INSTANCES", 256)
+    monkeypatch.setattr(live, "MAX_READ_BYTES", 1)  # the bytes bound: one snapshot, then no more
+    view = await overview(a)
+    assert len(view["instances"]) == 2 and view["instancesOmitted"] == 1
+    monkeypatch.setattr(live, "MAX_READ_BYTES", 1 << 22)
+    view = await overview(a)
+    assert len(view["instances"]) == 3 and view["instancesOmitted"] == 0 and view["notice"] is None
+
+
+async def test_an_instance_back_after_a_gap_is_not_counted_twice(
+    start: Callable[[RedisServer], Start], redis_server: RedisServer
+) -> None:
+    """B stops publishing long enough for A to fold its numbers, then comes back: it goes on
+    under a new id with only what it counted since, so A counts each request once."""
+    a, b = await start(redis_server)(), await start(redis_server)()
+    finished = Finished(b)
+    assert [await post(b, "claude-alpha") for _ in range(2)] == [200, 200]
+    await finished.wait(2)
+    await until("A counts B's 2", lambda: _requests_are(a, 2))
+    feed_b = b.server.app[LIVE]
+    feed_b._task.cancel()  # type: ignore[union-attr]  # B stalls (alive, not publishing)
+    merger = a.server.app[LIVE].merger
+
+    async def folded() -> bool:
+        assert (await overview(a))["totals"]["requests"] == 2
+        return instance(b) not in merger.known
+
+    await until("A folds B", folded, timeout=TTL * (GRACE + 1) + 2)
+    feed_b._task = asyncio.get_running_loop().create_task(feed_b.run())  # B is back
+    back = f"{instance(b)}~1"
+    await until("A lists B's new id", lambda: _listed(a, {instance(a), back}))
+    assert (await overview(a))["totals"]["requests"] == 2  # not 4
+    assert (await overview(b))["totals"]["requests"] == 2
+    assert await post(b, "claude-alpha") == 200
+    await finished.wait(3)
+    await until("A counts B's third", lambda: _requests_are(a, 3))
+    await until("B counts its third", lambda: _requests_are(b, 3))

@@ -622,6 +622,8 @@ async def test_a_failing_postgresql_never_fails_a_request(
         if failure == "connection-killed":
             assert team.recorder.dropped == 0 and team.recorder.written == 3  # connected again
         else:
+            assert team.recorder.dropped == 0 and team.recorder.pending == 3  # tried once more
+            await team.recorder.flush()
             assert team.recorder.dropped == 3
         assert team.index.by_name("gina") is not None
     finally:

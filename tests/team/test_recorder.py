@@ -9,7 +9,7 @@ import time
 import pytest
 
 from ccx_proxy.team import recorder as recorder_module
-from ccx_proxy.team.db import Database
+from ccx_proxy.team.db import Database, DatabaseError
 from ccx_proxy.team.recorder import Record, Recorder, delete_before, write_batch
 from tests.team.conftest import Backend
 
@@ -86,13 +86,51 @@ async def test_a_failing_write_is_counted_not_raised(
         rec = Recorder(db)
         rec.add(record(0, time.time()))
         with caplog.at_level(logging.ERROR):
+            await rec.flush()  # tried once more with the next flush
+            assert rec.dropped == 0 and rec.pending == 1 and caplog.text == ""
             await rec.flush()
-        assert rec.dropped == 1 and rec.written == 0
+        assert rec.dropped == 1 and rec.written == 0 and rec.pending == 0
         assert "usage records lost: 1" in caplog.text and backend.missing_table_words in caplog.text
         rows = await db.run(lambda conn: conn.execute("SELECT count(*) FROM usage").fetchone())
         assert rows == (0,)  # the transaction was rolled back whole
     finally:
         db.close()
+
+
+async def test_a_write_that_fails_once_is_written_with_the_next_flush(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = Database(backend.target)
+    await db.open()
+    try:
+        real, calls = recorder_module.write_batch, []
+
+        def flaky(conn: object, batch: list[Record]) -> None:
+            calls.append(len(batch))
+            if len(calls) == 1:
+                raise DatabaseError("the server restarted")  # a blip
+            real(conn, batch)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(recorder_module, "write_batch", flaky)
+        rec = Recorder(db)
+        rec.add(record(0, time.time()))
+        await rec.flush()
+        rec.add(record(1, time.time()))  # arrived meanwhile: goes with the retried batch
+        await rec.flush()
+        assert calls == [1, 2] and rec.written == 2 and rec.dropped == 0
+        rows = await db.run(lambda conn: conn.execute("SELECT request_id FROM usage ORDER BY id").fetchall())
+        assert rows == [("r0",), ("r1",)]
+    finally:
+        db.close()
+
+
+async def test_the_final_flush_always_says_what_it_lost(caplog: pytest.LogCaptureFixture) -> None:
+    rec = Recorder(None)
+    rec._last_log = time.monotonic()  # a loss was just logged: the next would be held back
+    rec.add(record(0, time.time()))
+    with caplog.at_level(logging.ERROR):
+        await rec.flush(final=True)
+    assert rec.dropped == 1 and "usage records lost: 1" in caplog.text
 
 
 def test_a_newer_schema_is_refused(backend: Backend) -> None:

@@ -284,6 +284,8 @@ async def test_a_failing_database_never_fails_a_request(
         if failure == "deleted":
             assert team.recorder.dropped == 0  # SQLite writes on into the unlinked file
         else:
+            assert team.recorder.dropped == 0 and team.recorder.pending == 3  # tried once more
+            await team.recorder.flush()
             assert team.recorder.dropped == 3
         assert team.index.by_name("gina") is not None  # the index in memory still serves
     finally:
@@ -315,3 +317,30 @@ async def test_the_key_is_never_stored_in_clear(start_gateway, fake_upstream, tm
     await _team(client).recorder.flush()
     for name in os.listdir(tmp_path):
         assert key.encode() not in (tmp_path / name).read_bytes(), name
+
+
+async def test_a_nul_in_a_client_string_is_recorded_and_spoils_no_one_elses_records(
+    start_gateway, fake_upstream, tmp_path
+) -> None:
+    # PostgreSQL refuses NUL in text: one such record used to fail its whole batch.
+    fake_upstream.reply = Reply(chunks=[STREAM])
+    client = await _gateway(start_gateway, fake_upstream, tmp_path)
+    victim, mallory = await _member(client, "victim"), await _member(client, "mallory")
+    body = orjson.loads(message_body("claude-sonnet-4-5"))
+    body["model"] = "claude-sonnet-4-5\u0000"
+    sent = [
+        client.post("/v1/messages", data=message_body("claude-sonnet-4-5"), headers={"x-api-key": victim}),
+        client.post(
+            "/v1/messages",
+            data=orjson.dumps(body),
+            headers={"x-api-key": mallory},
+        ),
+        client.post("/v1/messages", data=message_body("claude-sonnet-4-5"), headers={"x-api-key": victim}),
+    ]
+    for response in await asyncio.gather(*sent):
+        await response.read()
+    rows = await _rows(client)
+    assert sorted(r["member"] for r in rows) == ["mallory", "victim", "victim"]
+    (bad,) = [r for r in rows if r["member"] == "mallory"]
+    assert bad["model"] == "claude-sonnet-4-5\ufffd"
+    assert _team(client).recorder.dropped == 0

@@ -282,13 +282,22 @@ class SharedStore:
 
         try:
             async with asyncio.timeout(timeout):
-                return await redis.execute_command(*args)  # type: ignore[no-untyped-call]
+                result = await redis.execute_command(*args)  # type: ignore[no-untyped-call]
+            self._slow = 0
+            return result
         except ResponseError as exc:  # it answered: refused, not down
-            log.error("Redis refused %s: %s", args[0], exc)
+            self._refused(str(args[0]), exc)
             raise SharedDown(str(exc)) from None
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # OSError, TimeoutError, connection errors: down
+        except TimeoutError as exc:  # slow, as in a pipeline: only a run of them means down
+            self._slow += 1
+            if self._slow >= SLOW_LIMIT:
+                self.failed(exc)
+            else:
+                STATS["errors"] += 1
+            raise SharedDown("timeout") from None
+        except Exception as exc:  # OSError, connection errors: down
             self.failed(exc)
             raise SharedDown(str(exc) or type(exc).__name__) from None
 

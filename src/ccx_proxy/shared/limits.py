@@ -9,8 +9,9 @@ Per member (keys share the hash tag ``{name}``, so they live on one Redis Cluste
   removes them when the request ends, on every exit path; the slots of a process that died
   (``SIGKILL``, a lost host) expire by themselves.
 * ``spend:{name}:d:<day>`` / ``spend:{name}:m:<month>``: tokens (``t``) and USD (``u``)
-  spent, UTC, expiring after the period.  Seeded from the database (``HSETNX``: the first
-  instance wins) when Redis comes up, so a Redis restart does not forget what was spent.
+  spent, UTC, expiring after the period.  Seeded from the database when Redis comes up (each
+  counter raised to at least the database's total), so a Redis restart does not forget what
+  was spent.
 
 One admission is one ``EVALSHA`` (budgets, concurrency and rpm checked and counted
 atomically); the end of a request is fire-and-forget (slot removed, spend added), batched

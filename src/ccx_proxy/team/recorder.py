@@ -4,9 +4,10 @@ The request path appends a :class:`Record` to a list (bounded: past
 :data:`MAX_PENDING` records waiting, new ones are dropped and counted).  Every
 ``interval`` seconds, and at shutdown, the list is swapped out and written in one
 transaction: the rows, the daily totals (kept after ``USAGE_RETENTION_DAYS`` deletes
-the rows), and each member's last use.  A failing write (read-only or locked file)
-drops that batch: the records are counted in :attr:`Recorder.dropped` and logged at most
-once a minute; the requests they describe were answered long before.
+the rows), and each member's last use.  A failing write (a locked file, a PostgreSQL that
+stalled or restarted) is tried once more with the next flush; failing again, the batch is
+dropped: the records are counted in :attr:`Recorder.dropped` and logged at most once a
+minute (at shutdown, always); the requests they describe were answered long before.
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ class Recorder:
         "_pending",
         "_last_log",
         "_last_prune",
+        "_retrying",
     )
 
     def __init__(self, db: Database | None, interval: float = 0.5, retention_days: int = 90) -> None:
@@ -194,6 +196,7 @@ class Recorder:
         self.written = 0
         self._pending: list[Record] = []
         self._last_log = 0.0
+        self._retrying = False  # the pending list starts with a batch whose write failed once
         self._last_prune = 0.0
 
     def add(self, record: Record) -> None:
@@ -213,20 +216,33 @@ class Recorder:
             self._last_log = now
             log.error("usage records lost: %d (%d in all so far): %s", count, self.dropped, why)
 
-    async def flush(self) -> None:
-        """Write what is pending now (one transaction)."""
+    async def flush(self, final: bool = False) -> None:
+        """Write what is pending now (one transaction); ``final``: the last one (at shutdown)."""
         batch, self._pending = self._pending, []
         if not batch:
             return
         db = self.db
         if db is None or not db.is_open:
+            if final:
+                self._last_log = -LOG_EVERY  # the last word is always logged
             self._lost(len(batch), "the usage database is not open (see the startup log)")
             return
         try:
             await db.run(lambda conn: write_batch(conn, batch))
         except Exception as exc:  # sqlite3.Error, DatabaseError, OSError: never the request's problem
+            if not final and not self._retrying:  # a blip: once more with the next flush
+                self._retrying = True
+                kept = batch + self._pending
+                self._pending = kept[:MAX_PENDING]
+                if len(kept) > MAX_PENDING:
+                    self._lost(len(kept) - MAX_PENDING, "the queue of unwritten usage records is full")
+                return
+            self._retrying = False
+            if final:
+                self._last_log = -LOG_EVERY
             self._lost(len(batch), f"writing to {db.name} failed: {exc}")
             return
+        self._retrying = False
         self.written += len(batch)
 
     async def prune(self, now: float) -> None:

@@ -60,6 +60,14 @@ def allowed_channels(member: Member, candidates: tuple[Candidate, ...], model: s
     return kept
 
 
+def _text(value: str | None) -> str | None:
+    """A client-supplied string as a database keeps it: PostgreSQL refuses NUL in text (one such
+    record would fail its whole batch), so NUL becomes U+FFFD in every backend."""
+    if isinstance(value, str) and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    return value
+
+
 def _mask(key: str) -> str:
     mask = _MASKS.get(key)
     if mask is None:
@@ -226,7 +234,7 @@ class Team:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        await self.recorder.flush()
+        await self.recorder.flush(final=True)
         if self.db is not None:
             await asyncio.to_thread(self.db.close)
 
@@ -331,14 +339,14 @@ class Team:
         outcome = ticket.final_outcome
         record = Record(
             now,
-            ticket.request_id,
+            _text(ticket.request_id) or "",
             member.name,
-            ticket.session,
+            _text(ticket.session),
             ticket.endpoint,
             ticket.channel,
             _mask(ticket.api_key) if ticket.api_key else None,
-            ticket.model,
-            ticket.upstream_model,
+            _text(ticket.model),
+            _text(ticket.upstream_model),
             1 if ticket.stream else 0,
             ticket.status or CLIENT_CLOSED,
             ticket.error_type,
