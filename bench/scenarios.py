@@ -1,6 +1,6 @@
-"""The five scenarios.  Each runs the same load direct to the upstream and
-through the gateway in the same run, alternating, and returns plain figures
-(report.py turns them into the table)."""
+"""The seven scenarios.  Each runs the same load direct to the upstream and through the
+gateway in the same run, alternating (6 and 7: two gateway setups against each other), and
+returns plain figures (report.py turns them into the table)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -338,18 +339,8 @@ def team(ctx: Ctx) -> dict[str, object]:
     seconds = 1.0 if ctx.quick else 3.0
     rounds = 1 if ctx.quick else 3
     targets = ["team_off", "team_member"]
-    runs: dict[str, list[dict[str, float]]] = {t: [] for t in targets}
     try:
-        if not ctx.quick:
-            for target in targets:
-                ctx.load(target, conns, 1.0)
-        for r in range(rounds):
-            for target in targets if r % 2 == 0 else targets[::-1]:
-                proc = ctx.procs[target]
-                cpu0 = proc.cpu()
-                result = ctx.load(target, conns, seconds)
-                result["cpu_us_per_request"] = 1e6 * (proc.cpu() - cpu0) / max(1, result["requests"])
-                runs[target].append(result)
+        runs = _alternate(ctx, targets, conns, seconds, rounds)
         rss = {t: ctx.procs[t].rss() for t in targets}
     finally:
         ctx.stop("team_off")
@@ -405,24 +396,20 @@ def redis(ctx: Ctx) -> dict[str, object]:
     conns = 64
     seconds = 1.0 if ctx.quick else 3.0
     rounds = 1 if ctx.quick else 3
-    runs: dict[str, list[dict[str, float]]] = {t: [] for t in targets}
     client = redis_client.Redis.from_url(redis_url)
     commands = 0
+
+    def counting(target: str, run: Callable[[], dict[str, float]]) -> dict[str, float]:
+        nonlocal commands
+        before = _calls(client)
+        result = run()
+        if target == "limits_redis":
+            time.sleep(0.2)  # the last releases and spend
+            commands += _calls(client) - before
+        return result
+
     try:
-        if not ctx.quick:
-            for target in targets:
-                ctx.load(target, conns, 1.0)
-        for r in range(rounds):
-            for target in targets if r % 2 == 0 else targets[::-1]:
-                proc = ctx.procs[target]
-                cpu0 = proc.cpu()
-                before = _calls(client)
-                result = ctx.load(target, conns, seconds)
-                result["cpu_us_per_request"] = 1e6 * (proc.cpu() - cpu0) / max(1, result["requests"])
-                if target == "limits_redis":
-                    time.sleep(0.2)  # the last releases and spend
-                    commands += _calls(client) - before
-                runs[target].append(result)
+        runs = _alternate(ctx, targets, conns, seconds, rounds, counting)
         redis_cpu = ctx.procs["redis"].cpu()
     finally:
         client.close()
@@ -438,6 +425,34 @@ def redis(ctx: Ctx) -> dict[str, object]:
         "redis_calls_per_request": commands / max(1, answered),
         "redis_cpu_us_per_request": 1e6 * redis_cpu / max(1, answered),
     }
+
+
+def _alternate(
+    ctx: Ctx,
+    targets: list[str],
+    conns: int,
+    seconds: float,
+    rounds: int,
+    wrap: Callable[[str, Callable[[], dict[str, float]]], dict[str, float]] | None = None,
+) -> dict[str, list[dict[str, float]]]:
+    """A warm-up, then ``rounds`` loads of each target, the order reversed every other round,
+    each with the gateway's CPU per request; ``wrap(target, run)`` may measure around a run."""
+    runs: dict[str, list[dict[str, float]]] = {t: [] for t in targets}
+    if not ctx.quick:
+        for target in targets:
+            ctx.load(target, conns, 1.0)
+    for r in range(rounds):
+        for target in targets if r % 2 == 0 else targets[::-1]:
+            proc = ctx.procs[target]
+
+            def run(target: str = target, proc: Proc = proc) -> dict[str, float]:
+                cpu0 = proc.cpu()
+                result = ctx.load(target, conns, seconds)
+                result["cpu_us_per_request"] = 1e6 * (proc.cpu() - cpu0) / max(1, result["requests"])
+                return result
+
+            runs[target].append(wrap(target, run) if wrap is not None else run())
+    return runs
 
 
 def _summary(runs: list[dict[str, float]]) -> dict[str, object]:

@@ -10,7 +10,7 @@ what this process saw.
 
 from __future__ import annotations
 
-from ..affinity import SessionAffinity, carries_thinking
+from ..affinity import SessionAffinity
 from ..policy import AffinityPolicy
 from .client import STATS, SharedDown, SharedStore
 
@@ -55,7 +55,7 @@ class SharedAffinity(SessionAffinity):
     def remember(self, session: str, channel: str, now: float, body: bytes = b"") -> None:
         before = self._sessions.get(session)
         super().remember(session, channel, now, body)
-        thinking = (before is not None and before[2]) or carries_thinking(body)
+        thinking = self._sessions[session][2]  # as the local table decided it
         if before is None or before[0] != channel or before[2] != thinking:
             ttl = self._thinking_ttl_ms if thinking else self._ttl_ms
             self.store.send("SET", self._key(session), f"{'t' if thinking else 'n'}|{channel}", "PX", ttl)
