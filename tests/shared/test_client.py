@@ -107,6 +107,70 @@ async def test_a_slow_redis_costs_at_most_the_timeout(own_redis: RedisServer, pr
         await store.stop()
 
 
+async def _open_pooled_connections(store: SharedStore, count: int) -> None:
+    """``count`` connections in the pool: as many calls at once, each holding one for 50 ms."""
+    key = store.key("nothing")
+    assert (
+        await asyncio.gather(*(store.call_within(2.0, "BLPOP", key, "0.05") for _ in range(count)))
+        == [None] * count
+    )
+    pool = store._redis.connection_pool  # type: ignore[union-attr]
+    assert len(pool._available_connections) == count
+
+
+async def _every_connection_used_without_a_failure(store: SharedStore, count: int) -> None:
+    errors, transitions = STATS["errors"], STATS["transitions"]
+    script = next(iter(store._scripts.values()))
+    key = store.key("nothing")
+    for _ in range(3):  # all of the pool at once, and a pipeline beside them
+        held = [store.call_within(2.0, "BLPOP", key, "0.02") for _ in range(count)]
+        results = await asyncio.gather(*held, store.eval(script, [store.key("n")], [1]))
+        assert results[:count] == [None] * count
+    assert store.up and await store.call("GET", store.key("n")) == b"3"  # the script: loaded again
+    assert (STATS["errors"], STATS["transitions"]) == (errors, transitions)
+
+
+async def test_a_redis_restart_between_requests_costs_nobody_a_failure(
+    own_redis: RedisServer, prefix: str
+) -> None:
+    # Every pooled connection the restart closed is replaced when the pool hands it out (as the
+    # scripts it forgot are sent again): none fails a round trip, Redis is never marked down.
+    store = store_for(own_redis, prefix, timeout=1.0)
+    store.script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    await store.start()
+    try:
+        await _open_pooled_connections(store, 8)
+        # In threads, so the event loop runs meanwhile (as a gateway's does) and sees the
+        # connections close.
+        await asyncio.to_thread(own_redis.stop)
+        await asyncio.to_thread(own_redis.start)
+        await _every_connection_used_without_a_failure(store, 8)
+    finally:
+        await store.stop()
+
+
+async def test_connections_redis_closed_as_idle_are_replaced_without_a_failure(
+    own_redis: RedisServer, prefix: str
+) -> None:
+    import redis as redis_sync
+
+    store = store_for(own_redis, prefix, timeout=1.0)
+    store.script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    await store.start()
+    watcher = redis_sync.Redis.from_url(own_redis.url)
+    try:
+        watcher.config_set("timeout", 1)  # Redis closes a client idle for a second
+        await _open_pooled_connections(store, 8)
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(watcher.client_list()) > 1:  # until only the watcher is left
+            assert asyncio.get_running_loop().time() < deadline, "Redis did not close idle clients"
+            await asyncio.sleep(0.1)
+        await _every_connection_used_without_a_failure(store, 8)
+    finally:
+        watcher.close()
+        await store.stop()
+
+
 async def test_unreachable_at_start_runs_on_local_state(prefix: str) -> None:
     from tests.redis_server import free_port
 

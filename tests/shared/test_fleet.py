@@ -105,6 +105,10 @@ def _env(redis: RedisServer, prefix: str, data_dir: Path) -> dict[str, str]:
         "REDIS_URL": redis.url,
         "REDIS_PREFIX": prefix,
         "REDIS_SLOT_TTL_S": str(SLOT_TTL),
+        # These tests are about what is shared, not about slow round trips (tests/shared/
+        # test_client.py covers those): on a loaded CI machine a 50 ms deadline sometimes
+        # passes, and that one request would be counted locally (fail-open) instead.
+        "REDIS_TIMEOUT_MS": "2000",
         "DATA_DIR": str(data_dir),
         "LOG_LEVEL": "INFO",
     }
@@ -330,21 +334,25 @@ async def test_redis_stopped_mid_run_fails_open_and_resumes(
         text = fleet.log(index)
         assert "Redis unreachable" in text and "fall back to this process's own" in text
     own_redis.start()
+
+    def reconnected(index: int) -> bool:
+        # Every worker that logged going down logs coming back (each on its own back-off).
+        text = fleet.log(index)
+        return text.count("Redis answers again") >= text.count("Redis unreachable (") > 0
+
     deadline = time.monotonic() + 15
-    while not all("Redis answers again" in fleet.log(i) for i in (0, 1)):
-        assert time.monotonic() < deadline, "no worker reconnected"
+    while not all(reconnected(i) for i in (0, 1)):
+        assert time.monotonic() < deadline, "not every worker reconnected"
         await asyncio.sleep(0.1)
-    for index in (0, 1):
-        assert (await post(fleet.url(index), key))[0] == 200
-    # Counted in Redis again: the rpm window holds what came after the restart.
+    # Counted in Redis again: the rpm window holds what came after the restart (Redis came
+    # back empty). Each request goes to whichever worker the kernel picks, so a few are sent.
     import redis as redis_sync
 
     client = redis_sync.Redis.from_url(own_redis.url)
-    deadline = time.monotonic() + 5
-    while True:
+    try:
+        for attempt in range(8):
+            assert (await post(fleet.url(attempt % 2), key))[0] == 200
         keys = client.keys("*lim:{carol}:rpm")
-        if keys and client.zcard(keys[0]) >= 1:
-            break
-        assert time.monotonic() < deadline, "no admission counted in Redis after the restart"
-        await asyncio.sleep(0.1)
-    client.close()
+        assert keys and client.zcard(keys[0]) == 8, "admissions after the restart not counted in Redis"
+    finally:
+        client.close()

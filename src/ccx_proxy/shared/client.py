@@ -159,6 +159,7 @@ class SharedStore:
             socket_timeout=None,  # every call runs under asyncio.timeout (no second timer per reply)
             socket_connect_timeout=PING_TIMEOUT,
             retry=Retry(NoBackoff(), 0),
+            **_without_maintenance_notifications(),
         )
         self._redis = aioredis.Redis(connection_pool=pool)
         loop = asyncio.get_running_loop()
@@ -421,6 +422,19 @@ class SharedStore:
 
     def publish(self, channel: str, message: bytes) -> None:
         self.send("PUBLISH", self.key(channel), message)
+
+
+def _without_maintenance_notifications() -> dict[str, Any]:
+    """redis-py 8 turns its maintenance notifications (a Redis Enterprise feature) on by default
+    ("auto"), and while they are on its pool skips the check that replaces a connection the
+    server has closed.  Every pooled connection a Redis restart (or its idle ``timeout``) closed
+    would then fail one round trip and mark Redis down for a moment.  Off, the pool checks each
+    connection it hands out.  (Older redis-py has no such setting and always checks.)"""
+    try:
+        from redis.maint_notifications import MaintNotificationsConfig
+    except ImportError:  # pragma: no cover - redis-py < 7
+        return {}
+    return {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
 
 
 def _pack(args: tuple[Any, ...]) -> bytes:
