@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from .forwarded import TrustedProxies
+
 DEFAULT_PORT = 3000
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_CHANNELS_FILE = "./channels.json"
@@ -90,6 +92,9 @@ class Settings:
     # DATABASE_URL=postgresql://...: members and usage in PostgreSQL instead of DATA_DIR/ccx.db.
     database_url: str | None = field(default=None, repr=False)  # may carry a password
     redis: RedisSettings | None = None  # REDIS_URL unset: every process keeps its own state
+    # FORWARDED_ALLOW_IPS: the load balancers whose X-Forwarded-For names the client (the
+    # access log's address); empty: the header is ignored.
+    forwarded_allow_ips: TrustedProxies = TrustedProxies()
 
     @classmethod
     def from_env(
@@ -142,8 +147,13 @@ class Settings:
             raise SettingsError(f"LOG_FORMAT must be text or json, not {log_format!r}")
         for name in ("METRICS_PUBLIC", "METRICS_PER_MEMBER"):  # read by ops.metrics: a typo stops serve
             flag(env, name, False)
+        try:
+            trusted = TrustedProxies.parse(env.get("FORWARDED_ALLOW_IPS", ""))
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
         return cls(
             redis=RedisSettings.from_env(env),
+            forwarded_allow_ips=trusted,
             access_log=flag(env, "ACCESS_LOG", True),
             log_format=log_format,
             data_dir=env.get("DATA_DIR", "").strip() or DEFAULT_DATA_DIR,

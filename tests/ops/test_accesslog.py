@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
+from ccx_proxy.forwarded import TrustedProxies
 from ccx_proxy.ops.accesslog import REQUEST_ID_HEADER, JsonFormatter
 from ccx_proxy.state import GATEWAY
 from ccx_proxy.team import members
@@ -118,6 +119,35 @@ async def test_access_log_off(start_gateway, fake_upstream, caplog) -> None:
     resp = await client.post("/v1/messages", data=message_body(), headers=AUTH)
     assert resp.status == 200 and resp.headers[REQUEST_ID_HEADER]  # the id stays
     assert _lines(caplog) == []
+
+
+async def test_behind_a_trusted_balancer_the_client_is_the_forwarded_address(
+    start_gateway, fake_upstream, caplog
+) -> None:
+    caplog.set_level(logging.INFO, logger="ccx_proxy.access")
+    client = await start_gateway(
+        channel("up", fake_upstream.url),
+        settings=make_settings(forwarded_allow_ips=TrustedProxies.parse("127.0.0.1")),
+    )
+    spoofed_then_seen = {**AUTH, "X-Forwarded-For": "192.0.2.1, 203.0.113.7"}
+    assert (await client.post("/v1/messages", data=message_body(), headers=spoofed_then_seen)).status == 200
+    assert (await client.get("/health")).status == 200  # no header: the peer
+    first, second = (r.access for r in _lines(caplog))  # type: ignore[attr-defined]
+    assert (first["client"], first["proxy"]) == ("203.0.113.7", "127.0.0.1")
+    assert _lines(caplog)[0].getMessage().startswith("203.0.113.7 ")  # the text line too
+    assert second["client"] == "127.0.0.1" and "proxy" not in second
+    assert "x-forwarded-for" not in fake_upstream.requests[0].headers
+
+
+async def test_without_forwarded_allow_ips_the_header_is_ignored(
+    start_gateway, fake_upstream, caplog
+) -> None:
+    caplog.set_level(logging.INFO, logger="ccx_proxy.access")
+    client = await start_gateway(channel("up", fake_upstream.url))
+    headers = {**AUTH, "X-Forwarded-For": "203.0.113.7"}
+    assert (await client.post("/v1/messages", data=message_body(), headers=headers)).status == 200
+    (line,) = _lines(caplog)
+    assert line.access["client"] == "127.0.0.1" and "proxy" not in line.access  # type: ignore[attr-defined]
 
 
 def test_json_formatter_puts_the_fields_at_the_top() -> None:

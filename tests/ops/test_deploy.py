@@ -55,6 +55,7 @@ STREAM_HEADERS = {
     "accept-encoding": "gzip",  # nothing may compress the stream (or hold it back to do so)
     "x-mock-deltas": str(DELTAS),
     "x-mock-delay-ms": str(int(DELAY * 1000)),
+    "x-forwarded-for": "203.0.113.7",  # as a client behind a proxy of its own would send
 }
 STREAM_BODY = orjson.dumps(
     {
@@ -132,7 +133,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     (tmp / "channels.json").write_bytes((REPO / "channels.json").read_bytes())
     drop = ("PROXY_", "ADMIN_", "OTEL_", "REDIS_", "DATABASE_", "NOTIFY_SOCKET", "WATCHDOG_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update(PROXY_ACCESS_KEY=KEY, DATA_DIR=str(tmp / "data"), WORKERS="", PORT="", LOG_LEVEL="WARNING")
+    env.update(PROXY_ACCESS_KEY=KEY, DATA_DIR=str(tmp / "data"), WORKERS="", PORT="", LOG_LEVEL="INFO")
+    # The load balancers here run on loopback: their X-Forwarded-For is believed.
+    env.update(FORWARDED_ALLOW_IPS="127.0.0.1", LOG_FORMAT="json")
     port, mock_port = unused_port(), unused_port()
     log = tmp / "gateway.log"
     with log.open("wb") as err:
@@ -223,6 +226,24 @@ async def assert_streams_like_the_gateway(front: str, gateway: Gateway, context:
     assert through.first_event < DELAY, through
     assert through.done - through.first_event >= (DELTAS - 1) * DELAY, through
     assert through.reads >= DELTAS + 1, through
+    # The client's X-Forwarded-For, with the load balancer's own addition, names the client
+    # in the gateway's access log (FORWARDED_ALLOW_IPS=127.0.0.1).
+    rid = through.headers["x-ccx-request-id"]
+    deadline = asyncio.get_running_loop().time() + 5
+    while not (lines := [doc for doc in _json_lines(gateway.log) if doc.get("request_id") == rid]):
+        assert asyncio.get_running_loop().time() < deadline, f"no access line for {rid}"
+        await asyncio.sleep(0.05)
+    assert (lines[0]["client"], lines[0]["proxy"], lines[0]["status"]) == ("203.0.113.7", "127.0.0.1", 200)
+
+
+def _json_lines(log: Path) -> list[dict[str, object]]:
+    docs = []
+    for line in log.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            doc = orjson.loads(line)
+            if isinstance(doc, dict):
+                docs.append(doc)
+    return docs
 
 
 async def request_raw(port: int, head: bytes, context: ssl.SSLContext | None) -> tuple[int, bytes]:
@@ -532,4 +553,5 @@ def test_env_example_is_accepted_by_the_gateway() -> None:
     settings = Settings.from_env(env)
     assert settings.host == "0.0.0.0" and settings.port == 3000 and settings.data_dir == "/var/lib/ccx-proxy"
     assert worker_count(None, env) >= 1
+    assert settings.forwarded_allow_ips.client("10.0.0.5", ["203.0.113.7"]) == "203.0.113.7"
     assert drain_timeout(env) < 150  # below the unit's TimeoutStopSec

@@ -8,7 +8,9 @@ them) are logged at most 20 per 10 s, then one line counts the rest.  Fields: ti
 request id, client address, member, session id, method, path, status, channel, requested
 -> upstream model, attempts, TTFB, duration, tokens and the error type.  Never a key,
 never a body; the path is cut at 256 characters and the query string is left out (a
-client may put anything there).
+client may put anything there).  Behind a load balancer named in ``FORWARDED_ALLOW_IPS``
+the client address is the one its ``X-Forwarded-For`` gives (:mod:`ccx_proxy.forwarded`),
+and ``proxy`` holds the balancer's.
 
 ``LOG_FORMAT=json`` makes this line (and every other log line: :class:`JsonFormatter`)
 one JSON object; ``ACCESS_LOG=off`` turns the line off.  Logger: ``ccx_proxy.access``.
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
+from ..forwarded import TrustedProxies
 from ..redact import REDACTOR
 from ..team.service import CLIENT_CLOSED, Ticket
 
@@ -38,6 +41,7 @@ REQUEST_ID_HEADER = "x-ccx-request-id"
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("ccx_request_id", str)
 TICKET: web.RequestKey[Ticket] = web.RequestKey("ccx_ticket", Ticket)  # set by the relay
 ENABLED: web.AppKey[bool] = web.AppKey("ccx_access_log", bool)
+TRUSTED: web.AppKey[TrustedProxies] = web.AppKey("ccx_forwarded_allow_ips", TrustedProxies)
 _PATH_LONGEST = 256
 _ROUTES = frozenset({"/v1/messages", "/v1/messages/count_tokens", "/v1/models", "/health", "/"})
 
@@ -55,6 +59,7 @@ def new_request_id() -> str:
 
 def setup(app: web.Application, gateway: Gateway) -> None:
     app[ENABLED] = gateway.settings.access_log
+    app[TRUSTED] = gateway.settings.forwarded_allow_ips
 
 
 @web.middleware
@@ -112,14 +117,19 @@ _REFUSED = _Budget()
 
 def _emit(request: web.Request, rid: str, status: int, duration: float) -> None:
     path = request.path
+    peer = request.remote
+    trusted = request.app.get(TRUSTED)
+    client = trusted.client(peer, request.headers.getall("X-Forwarded-For", ())) if trusted else peer
     fields: dict[str, Any] = {
         "request_id": rid,
-        "client": request.remote,
+        "client": client,
         "method": request.method,
         "path": path if path in _ROUTES else REDACTOR.redact(path[:_PATH_LONGEST]),
         "status": status,
         "duration_ms": round(duration * 1000, 1),
     }
+    if client != peer:
+        fields["proxy"] = peer  # the load balancer that said so (FORWARDED_ALLOW_IPS)
     ticket = request.get(TICKET)
     if ticket is not None:
         fields["member"] = ticket.member.name
