@@ -377,6 +377,54 @@ def test_concurrent_migrators_migrate_once(pg_url: str) -> None:
     assert sorted(results) == [(0, SCHEMA_VERSION)] + [(SCHEMA_VERSION, SCHEMA_VERSION)] * 4  # type: ignore[type-var]
 
 
+def _hold_the_migration_lock(pg_url: str, held: threading.Event, release: threading.Event) -> None:
+    holder = pg.PgConnection(pg_url)
+    try:
+        holder.execute("BEGIN")
+        holder.execute("SELECT pg_advisory_xact_lock(?)", (pg.MIGRATION_LOCK,))
+        held.set()
+        release.wait(30)
+        holder.execute("COMMIT")
+    finally:
+        holder.close()
+
+
+def test_a_migrator_waits_for_another_longer_than_a_statement_may_take(pg_url: str) -> None:
+    # Another process holds the migration lock for 1.5 s; this one's statements time out
+    # after 0.5 s, and it still waits for the lock (up to MIGRATION_LOCK_TIMEOUT_S), then migrates.
+    held, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold_the_migration_lock, args=(pg_url, held, release))
+    holder.start()
+    conn = pg.PgConnection(pg_url, command_timeout=0.5)
+    try:
+        assert held.wait(10)
+        threading.Timer(1.5, release.set).start()
+        started = time.monotonic()
+        assert pg.migrate(conn) == (0, SCHEMA_VERSION)
+        assert time.monotonic() - started >= 1.4
+    finally:
+        release.set()
+        holder.join(30)
+        conn.close()
+
+
+def test_a_migrator_waits_for_another_within_reason(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pg, "MIGRATION_LOCK_TIMEOUT_S", 0.5)
+    held, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold_the_migration_lock, args=(pg_url, held, release))
+    holder.start()
+    conn = pg.PgConnection(pg_url)
+    try:
+        assert held.wait(10)
+        with pytest.raises(DatabaseError, match="lock timeout"):
+            pg.migrate(conn)
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # the connection is still usable
+    finally:
+        release.set()
+        holder.join(30)
+        conn.close()
+
+
 def test_a_cli_error_never_shows_the_password(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

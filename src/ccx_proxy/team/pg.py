@@ -385,6 +385,15 @@ class PgConnection:
         )
         return _rowcount(status)
 
+    def wait_for_lock(self, key: int, wait: float) -> None:
+        """``pg_advisory_xact_lock(key)`` in the open transaction, waiting up to ``wait``
+        seconds for another session to let go (longer than a statement may otherwise take:
+        the server's ``lock_timeout`` ends the wait, the client waits a little longer)."""
+        longer, usual = round(wait * 1000), round(self.lock_timeout * 1000)
+        self._statement(lambda conn: conn.execute(f"SET LOCAL lock_timeout = '{longer}ms'"))
+        self._statement(lambda conn: conn.execute("SELECT pg_advisory_xact_lock($1)", key, timeout=wait + 5))
+        self._statement(lambda conn: conn.execute(f"SET LOCAL lock_timeout = '{usual}ms'"))  # the rest
+
     def _describe(self, query: str) -> list[str]:
         statement = self._statement(lambda conn: conn.prepare(query))
         return [attribute.name for attribute in statement.get_attributes()]
@@ -451,8 +460,7 @@ def migrate(conn: PgConnection) -> tuple[int, int]:
     while True:
         conn.execute("BEGIN IMMEDIATE")  # READ COMMITTED: after the lock, see what was committed
         try:
-            conn.execute(f"SET LOCAL lock_timeout = '{round(MIGRATION_LOCK_TIMEOUT_S * 1000)}ms'")
-            conn.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
+            conn.wait_for_lock(MIGRATION_LOCK, MIGRATION_LOCK_TIMEOUT_S)
             version = schema_version(conn)
             first = version if first is None else first
             if version > SCHEMA_VERSION:
