@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # no Playwright).  A full install (STAMP) includes it.
 RUN_STAMP := $(VENV)/.run-installed
 
-.PHONY: install run test lint bench bench-quick bench-memory bench-sizing clean screenshots
+.PHONY: install run test test-redis-versions lint bench bench-quick bench-memory bench-sizing clean screenshots
 
 $(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,20 @@ run: $(RUN_STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --cov --cov-report=term
 	$(BIN)/coverage report --include='*/ccx_proxy/upstream/*' --fail-under=90
+
+# The Redis client code against the oldest redis-py that pyproject.toml allows and the last one
+# before 8.1 (whose pool changed what it accepts): each installed beside .venv, put first on
+# the path, and the connection, limits and health tests run on it (a real redis-server).
+REDIS_PY_VERSIONS ?= 5.3.1 8.0.1
+test-redis-versions: $(STAMP)
+	@for v in $(REDIS_PY_VERSIONS); do \
+		dir=$(VENV)/redis-py-$$v; \
+		test -d $$dir || $(BIN)/python -m pip install -q --target $$dir "redis==$$v" || exit 1; \
+		echo "redis-py $$v:"; \
+		PYTHONPATH=$$dir $(BIN)/python -c "import redis, sys; sys.exit(redis.__version__ != '$$v')" || exit 1; \
+		PYTHONPATH=$$dir $(BIN)/python -m pytest -q -p no:cacheprovider --no-cov \
+			tests/shared/test_client.py tests/shared/test_limits.py tests/shared/test_health.py || exit 1; \
+	done
 
 # Re-take the admin console screenshots in docs/ (the browser test, kept images).
 screenshots: $(STAMP)

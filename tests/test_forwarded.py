@@ -41,6 +41,17 @@ def test_an_entry_that_is_not_an_address_is_not_believed() -> None:
     assert LB.client("127.0.0.1", ["unknown"]) == "127.0.0.1"
     assert LB.client("127.0.0.1", [""]) == "127.0.0.1"
     assert LB.client("127.0.0.1", []) == "127.0.0.1"
+    # An IPv6 zone may hold any text (spaces, non-ASCII): never believed.
+    assert LB.client("127.0.0.1", ["fe80::1%x member=root status=200"]) == "127.0.0.1"
+    assert LB.client("127.0.0.1", ["[fe80::1%\udcff]:80, 10.0.0.2"]) == "10.0.0.2"
+
+
+def test_ipv4_mapped_addresses() -> None:
+    # A dual-stack listener's peer, trusted as its IPv4 form, and kept as it was without a header.
+    assert LB.client("::ffff:127.0.0.1", []) == "::ffff:127.0.0.1"
+    assert LB.client("::ffff:127.0.0.1", ["::ffff:203.0.113.7"]) == "203.0.113.7"  # shown as IPv4
+    mapped_net = TrustedProxies.parse("::ffff:10.0.0.0/104")
+    assert mapped_net.client("::ffff:10.1.2.3", ["203.0.113.7"]) == "203.0.113.7"
 
 
 def test_proxy_spellings_with_ports_and_brackets() -> None:
@@ -69,3 +80,5 @@ def test_settings_read_and_validate_it() -> None:
     assert got.client("10.9.9.9", ["203.0.113.7"]) == "203.0.113.7"
     with pytest.raises(SettingsError, match="'10.0.0.0/33' is not an IP address or network"):
         Settings.from_env({**env, "FORWARDED_ALLOW_IPS": "127.0.0.1,10.0.0.0/33"})
+    with pytest.raises(SettingsError, match=r"\* \(anyone\) must stand alone"):
+        Settings.from_env({**env, "FORWARDED_ALLOW_IPS": "*,10.0.0.1"})

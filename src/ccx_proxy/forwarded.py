@@ -42,6 +42,8 @@ class TrustedProxies:
         entries = [e.strip() for e in value.split(",") if e.strip()]
         if entries == ["*"]:
             return cls(everyone=True)
+        if "*" in entries:
+            raise ValueError("FORWARDED_ALLOW_IPS: * (anyone) must stand alone, not in a list")
         networks = []
         for entry in entries:
             try:
@@ -59,9 +61,10 @@ class TrustedProxies:
     def trusts(self, address: Address) -> bool:
         if self.everyone:
             return True
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped  # ::ffff:10.0.0.1 from a dual-stack listener
-        return any(address in network for network in self.networks)
+        if any(address in network for network in self.networks):
+            return True
+        mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+        return mapped is not None and any(mapped in network for network in self.networks)
 
     def client(self, peer: str | None, forwarded_for: Iterable[str]) -> str | None:
         """The client's address: ``peer`` itself unless ``peer`` is a trusted proxy that
@@ -72,24 +75,34 @@ class TrustedProxies:
         if reporter is None or not self.trusts(reporter):
             return peer
         hops = ",".join(forwarded_for).rsplit(",", MOST_HOPS)[-MOST_HOPS:]
+        client = peer  # unless an entry is believed
         for entry in reversed(hops):
             address = _address(entry)
             if address is None:
                 break  # not an address: the trusted hop that reported it is as far as we know
-            reporter = address
+            client = _shown(address)
             if not self.trusts(address):
                 break
-        return str(reporter)
+        return client
 
 
 def _address(text: str) -> Address | None:
-    """An IP address, tolerating the forms proxies write (``[::1]``, ``1.2.3.4:5678``)."""
+    """An IP address, tolerating the forms proxies write (``[::1]``, ``1.2.3.4:5678``); never
+    one with an IPv6 zone (``fe80::1%<any text>``: client text that would reach the log)."""
     text = text.strip()
     if text.startswith("["):  # [v6] or [v6]:port
         text = text[1 : text.find("]")] if "]" in text else ""
     elif text.count(":") == 1:  # v4:port
         text = text.partition(":")[0]
+    if "%" in text:
+        return None
     try:
         return ipaddress.ip_address(text)
     except ValueError:
         return None
+
+
+def _shown(address: Address) -> str:
+    """``::ffff:10.0.0.1`` as ``10.0.0.1`` (before Python 3.13 it prints in hex)."""
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return str(mapped or address)

@@ -48,6 +48,7 @@ DEPLOY = REPO / "deploy"
 REQUIRE = os.environ.get("CCX_REQUIRE_SERVICES") == "1"
 KEY = "deploy-test-access-key-0123456789"
 DELTAS, DELAY = 3, 0.8  # the mock pauses DELAY s before each delta: the stream lasts >= 2.4 s
+CLIENT_ADDRESS = "127.0.0.2"  # the test client's source address through a load balancer
 STREAM_HEADERS = {
     "x-api-key": KEY,
     "content-type": "application/json",
@@ -192,9 +193,11 @@ class Streamed:
     reads: int  # separate reads that brought bytes
 
 
-async def stream(url: str, context: ssl.SSLContext | None = None) -> Streamed:
+async def stream(url: str, context: ssl.SSLContext | None = None, source: str | None = None) -> Streamed:
     loop = asyncio.get_running_loop()
-    connector = aiohttp.TCPConnector(ssl=context if context is not None else False)
+    connector = aiohttp.TCPConnector(
+        ssl=context if context is not None else False, local_addr=(source, 0) if source else None
+    )
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
         started = loop.time()
         async with session.post(url + "/v1/messages", data=STREAM_BODY, headers=STREAM_HEADERS) as response:
@@ -211,7 +214,7 @@ async def stream(url: str, context: ssl.SSLContext | None = None) -> Streamed:
 
 async def assert_streams_like_the_gateway(front: str, gateway: Gateway, context: ssl.SSLContext) -> None:
     direct = await stream(gateway.url)
-    through = await stream(front, context)
+    through = await stream(front, context, source=CLIENT_ADDRESS)
     assert direct.status == through.status == 200, through.body[:500]
     assert through.headers["Content-Type"].startswith("text/event-stream")
     assert "Content-Encoding" not in through.headers  # the client asked for gzip: still none
@@ -226,14 +229,15 @@ async def assert_streams_like_the_gateway(front: str, gateway: Gateway, context:
     assert through.first_event < DELAY, through
     assert through.done - through.first_event >= (DELTAS - 1) * DELAY, through
     assert through.reads >= DELTAS + 1, through
-    # The client's X-Forwarded-For, with the load balancer's own addition, names the client
-    # in the gateway's access log (FORWARDED_ALLOW_IPS=127.0.0.1).
+    # The load balancer added the address it saw (the client connected from CLIENT_ADDRESS) to
+    # X-Forwarded-For, and the gateway (FORWARDED_ALLOW_IPS=127.0.0.1) logs that one, not the
+    # 203.0.113.7 the client wrote itself.
     rid = through.headers["x-ccx-request-id"]
     deadline = asyncio.get_running_loop().time() + 5
     while not (lines := [doc for doc in _json_lines(gateway.log) if doc.get("request_id") == rid]):
         assert asyncio.get_running_loop().time() < deadline, f"no access line for {rid}"
         await asyncio.sleep(0.05)
-    assert (lines[0]["client"], lines[0]["proxy"], lines[0]["status"]) == ("203.0.113.7", "127.0.0.1", 200)
+    assert (lines[0]["client"], lines[0]["proxy"], lines[0]["status"]) == (CLIENT_ADDRESS, "127.0.0.1", 200)
 
 
 def _json_lines(log: Path) -> list[dict[str, object]]:

@@ -391,17 +391,20 @@ def _hold_the_migration_lock(pg_url: str, held: threading.Event, release: thread
 
 def test_a_migrator_waits_for_another_longer_than_a_statement_may_take(pg_url: str) -> None:
     # Another process holds the migration lock for 1.5 s; this one's statements time out
-    # after 0.5 s, and it still waits for the lock (up to MIGRATION_LOCK_TIMEOUT_S), then migrates.
+    # after 0.5 s (client) and 1 s (server), and it still waits for the lock (up to
+    # MIGRATION_LOCK_TIMEOUT_S), then migrates.
     held, release = threading.Event(), threading.Event()
     holder = threading.Thread(target=_hold_the_migration_lock, args=(pg_url, held, release))
     holder.start()
     conn = pg.PgConnection(pg_url, command_timeout=0.5)
     try:
+        conn.execute("SET statement_timeout = '1s'")  # as a DBA may set for the role
         assert held.wait(10)
         threading.Timer(1.5, release.set).start()
         started = time.monotonic()
         assert pg.migrate(conn) == (0, SCHEMA_VERSION)
         assert time.monotonic() - started >= 1.4
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("1s",)  # as it was
     finally:
         release.set()
         holder.join(30)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import logging
 import os
 import secrets
@@ -159,7 +160,7 @@ class SharedStore:
             socket_timeout=None,  # every call runs under asyncio.timeout (no second timer per reply)
             socket_connect_timeout=PING_TIMEOUT,
             retry=Retry(NoBackoff(), 0),
-            **_without_maintenance_notifications(),
+            **_without_maintenance_notifications(aioredis.ConnectionPool),
         )
         self._redis = aioredis.Redis(connection_pool=pool)
         loop = asyncio.get_running_loop()
@@ -424,16 +425,19 @@ class SharedStore:
         self.send("PUBLISH", self.key(channel), message)
 
 
-def _without_maintenance_notifications() -> dict[str, Any]:
-    """redis-py 8 turns its maintenance notifications (a Redis Enterprise feature) on by default
-    ("auto"), and while they are on its pool skips the check that replaces a connection the
-    server has closed.  Every pooled connection a Redis restart (or its idle ``timeout``) closed
-    would then fail one round trip and mark Redis down for a moment.  Off, the pool checks each
-    connection it hands out.  (Older redis-py has no such setting and always checks.)"""
-    try:
-        from redis.maint_notifications import MaintNotificationsConfig
-    except ImportError:  # pragma: no cover - redis-py < 7
+def _without_maintenance_notifications(pool_class: type) -> dict[str, Any]:
+    """redis-py 8.1 turns its maintenance notifications (a Redis Enterprise feature) on by
+    default ("auto"), and while they are on its pool skips the check that replaces a connection
+    the server has closed.  Every pooled connection a Redis restart (or its idle ``timeout``)
+    closed would then fail one round trip and mark Redis down for a moment.  Off, the pool
+    checks each connection it hands out.  Only a pool that takes the setting gets it: before
+    8.1 the asyncio pool passed unknown settings on to every connection, which refuses them
+    (and that pool always checked)."""
+    parameters = inspect.signature(pool_class).parameters
+    if "maint_notifications_config" not in parameters:
         return {}
+    from redis.maint_notifications import MaintNotificationsConfig
+
     return {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
 
 

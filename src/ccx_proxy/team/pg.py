@@ -387,12 +387,15 @@ class PgConnection:
 
     def wait_for_lock(self, key: int, wait: float) -> None:
         """``pg_advisory_xact_lock(key)`` in the open transaction, waiting up to ``wait``
-        seconds for another session to let go (longer than a statement may otherwise take:
-        the server's ``lock_timeout`` ends the wait, the client waits a little longer)."""
-        longer, usual = round(wait * 1000), round(self.lock_timeout * 1000)
+        seconds for another session to let go: longer than a statement may otherwise take
+        (the client's timeout, and a ``statement_timeout`` the role or database may set, are
+        raised for this statement).  ``lock_timeout`` stays at ``wait`` for the rest of the
+        transaction."""
+        longer = round(wait * 1000)
         self._statement(lambda conn: conn.execute(f"SET LOCAL lock_timeout = '{longer}ms'"))
+        self._statement(lambda conn: conn.execute(f"SET LOCAL statement_timeout = '{longer + 5000}ms'"))
         self._statement(lambda conn: conn.execute("SELECT pg_advisory_xact_lock($1)", key, timeout=wait + 5))
-        self._statement(lambda conn: conn.execute(f"SET LOCAL lock_timeout = '{usual}ms'"))  # the rest
+        self._statement(lambda conn: conn.execute("SET LOCAL statement_timeout TO DEFAULT"))
 
     def _describe(self, query: str) -> list[str]:
         statement = self._statement(lambda conn: conn.prepare(query))
