@@ -189,6 +189,16 @@ async def post(url: str, key: str, headers: dict[str, str] | None = None) -> tup
             return response.status, response.headers.get("x-ccx-channel", ""), await response.read()
 
 
+async def _until_in_redis(server: RedisServer, condition: Callable[[Any], Any], within: float = 5) -> None:
+    import redis as redis_sync
+
+    with redis_sync.Redis.from_url(server.url) as client:
+        deadline = time.monotonic() + within
+        while not condition(client):
+            assert time.monotonic() < deadline, "not in Redis in time"
+            await asyncio.sleep(0.02)
+
+
 async def test_rpm_30_admits_exactly_30_across_two_processes_of_two_workers(
     aiohttp_server: Any, make_fleet: Callable[..., Awaitable[Fleet]]
 ) -> None:
@@ -207,7 +217,7 @@ async def test_rpm_30_admits_exactly_30_across_two_processes_of_two_workers(
 
 
 async def test_concurrency_2_holds_across_processes_and_a_killed_holder_frees_its_slot(
-    aiohttp_server: Any, make_fleet: Callable[..., Awaitable[Fleet]]
+    aiohttp_server: Any, make_fleet: Callable[..., Awaitable[Fleet]], redis_server: RedisServer, prefix: str
 ) -> None:
     up, alt = await start_upstream(aiohttp_server), await start_upstream(aiohttp_server)
     fleet = await make_fleet(up, alt, bob="--max-concurrent 2")
@@ -243,9 +253,13 @@ async def test_concurrency_2_holds_across_processes_and_a_killed_holder_frees_it
             assert time.monotonic() - killed < SLOT_TTL + 3, "the dead process's slot never expired"
             await asyncio.sleep(0.2)
         assert time.monotonic() - killed <= SLOT_TTL + 3
+        # That request's slot is given back just after its response (fire and forget, from
+        # whichever worker served it): wait until only the stream on process 1 holds one.
+        await _until_in_redis(redis_server, lambda client: client.zcard(f"{prefix}lim:{{bob}}:slots") == 1)
         # The stream on process 1 still holds its slot (refreshed): one more is refused.
         slow_one = await sessions[0].post(fleet.url(1), json=BODY, headers={"x-api-key": key, **slow})
         streams.append(slow_one)
+        assert slow_one.status == 200
         await slow_one.content.readline()
         status, _, _ = await post(fleet.url(1), key)
         assert status == 429
@@ -257,7 +271,7 @@ async def test_concurrency_2_holds_across_processes_and_a_killed_holder_frees_it
 
 
 async def test_a_429_on_one_process_cools_the_key_for_the_other(
-    aiohttp_server: Any, make_fleet: Callable[..., Awaitable[Fleet]]
+    aiohttp_server: Any, make_fleet: Callable[..., Awaitable[Fleet]], redis_server: RedisServer, prefix: str
 ) -> None:
     up, alt = await start_upstream(aiohttp_server), await start_upstream(aiohttp_server)
     fleet = await make_fleet(up, alt)
@@ -265,7 +279,10 @@ async def test_a_429_on_one_process_cools_the_key_for_the_other(
     status, channel, _ = await post(fleet.url(0), ACCESS)
     assert (status, channel) == (200, "alt") and up.requests == 1
     up.fail_with = 0
-    await asyncio.sleep(0.3)  # the cool-down message reaches every worker
+    # The cool-down is stored and published by one script (sent just after the response):
+    # once it is stored, the message is on its way to every worker.
+    await _until_in_redis(redis_server, lambda client: client.hlen(f"{prefix}health") > 0)
+    await asyncio.sleep(0.3)  # the message reaches every worker
     for _ in range(8):  # spread over both workers of process 1 (and process 0's other one)
         for index in (1, 0):
             status, channel, _ = await post(fleet.url(index), ACCESS)
@@ -274,7 +291,7 @@ async def test_a_429_on_one_process_cools_the_key_for_the_other(
 
 
 async def test_a_session_pinned_on_one_process_is_pinned_on_the_other(
-    aiohttp_server: Any, make_fleet: Callable[..., Awaitable[Fleet]]
+    aiohttp_server: Any, make_fleet: Callable[..., Awaitable[Fleet]], redis_server: RedisServer, prefix: str
 ) -> None:
     up, alt = await start_upstream(aiohttp_server), await start_upstream(aiohttp_server)
     fleet = await make_fleet(up, alt)
@@ -283,7 +300,7 @@ async def test_a_session_pinned_on_one_process_is_pinned_on_the_other(
     status, channel, _ = await post(fleet.url(0), ACCESS, session)
     assert (status, channel) == (200, "alt")
     up.fail_with = 0
-    await asyncio.sleep(0.2)
+    await _until_in_redis(redis_server, lambda client: client.exists(f"{prefix}aff:h:fleet-session"))
     for _ in range(4):
         status, channel, _ = await post(fleet.url(1), ACCESS, session)
         assert (status, channel) == (200, "alt")  # up is first and healthy; the session is on alt
