@@ -19,6 +19,7 @@ import orjson
 from .config import ConfigError, GatewayConfig, parse_config
 from .state import Gateway
 from .store import version_of
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("ccx_proxy.reload")
 
@@ -122,11 +123,8 @@ class ConfigWatcher:
             self._task = asyncio.get_running_loop().create_task(self._poll())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _poll(self) -> None:
         while True:

@@ -30,7 +30,6 @@ when Redis is down; it also adds the ``ccx_redis_*`` families through :attr:`Exp
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import glob
 import logging
 import os
@@ -60,6 +59,7 @@ from ..auth import AccessKeys
 from ..errors import JSON_CONTENT_TYPE, AuthenticationFailed
 from ..headers import client_key, mask_secret
 from ..settings import flag
+from ..tasks import cancel_and_wait
 from ..team.recorder import Record
 from ..upstream import attempt
 
@@ -829,9 +829,7 @@ def setup(app: web.Application, gateway: Gateway, env: Mapping[str, str] | None 
         async def publishing(app: web.Application) -> AsyncIterator[None]:
             task = asyncio.get_running_loop().create_task(exporter.run())
             yield
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
             exporter.publish()  # the last numbers of a worker that stops
 
         app.cleanup_ctx.append(publishing)

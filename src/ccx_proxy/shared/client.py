@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ..settings import RedisSettings
+from ..tasks import cancel_and_wait
 from .pubsub import BACKOFF_MAX, BACKOFF_MIN, Subscriber
 
 if TYPE_CHECKING:
@@ -176,11 +177,7 @@ class SharedStore:
             self._down.set()
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
         if self._queue and self.up:  # releases and spend queued at the end: one last pipeline
             batch, self._queue = self._queue, []

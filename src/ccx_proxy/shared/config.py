@@ -70,6 +70,7 @@ from aiohttp import web
 from ..config import ConfigError, GatewayConfig, parse_config
 from ..errors import Conflict, SharedStateUnavailable
 from ..store import ChannelStore, version_of
+from ..tasks import cancel_and_wait
 from .client import SharedDown, SharedStore
 
 if TYPE_CHECKING:
@@ -181,12 +182,7 @@ class SharedConfig:
         self._task = self._loop.create_task(self._run())
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._task, *self._spawned) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._task, *self._spawned)
         self._task = None
 
     def _message(self, data: bytes) -> None:

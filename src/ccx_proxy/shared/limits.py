@@ -25,7 +25,6 @@ process's own :class:`~ccx_proxy.team.limits.Limiter` decides (limits per proces
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import math
@@ -33,6 +32,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from ..errors import BudgetExhausted, RateLimited, SharedStateUnavailable
+from ..tasks import cancel_and_wait
 from ..team.limits import WINDOW, Limiter, utc_day
 from ..team.members import SHARED_MEMBER, Member
 from .client import STATS, SharedDown, SharedStore
@@ -186,11 +186,8 @@ class SharedLimiter:
         self._task = asyncio.get_running_loop().create_task(self._keep_slots())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _keep_slots(self) -> None:
         """Refresh the slots this process holds, so only a dead process's slots expire."""

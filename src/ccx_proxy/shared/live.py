@@ -55,7 +55,6 @@ and a ``notice`` the console shows; each such answer counts as a fallback.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -76,6 +75,7 @@ from ..ops.metrics import (
     Snapshot,
     build_families,
 )
+from ..tasks import cancel_and_wait
 from .client import STATS, SharedDown, SharedStore
 
 if TYPE_CHECKING:
@@ -576,9 +576,7 @@ class LiveFeed:
         """A cleanup context: publishes while the app runs, deletes its snapshot as it stops."""
         self._task = asyncio.get_running_loop().create_task(self.run())  # publishes at once
         yield
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await cancel_and_wait(self._task)
         store = self.store
         if store.up:  # gone from every console now, not in TTL (sent before the store stops)
             for instance in filter(None, (self.id, self._previous)):

@@ -11,7 +11,6 @@ every worker), and the recorder writes batches.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 import time
@@ -22,6 +21,7 @@ from ..auth import AccessKeys
 from ..errors import AuthenticationFailed, PermissionDenied
 from ..headers import client_key, mask_secret
 from ..routing import Candidate
+from ..tasks import cancel_and_wait
 from .db import Connection, Database, DatabaseError, path_in
 from .limits import Limiter, utc_day
 
@@ -228,11 +228,7 @@ class Team:
             return
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
         await self.recorder.flush(final=True)
         if self.db is not None:
